@@ -1,0 +1,20 @@
+"""agents: the learning side of textgym, built on upstream Stable-Baselines3.
+
+- :class:`TransformerPolicy`: SB3 ``ActorCriticPolicy`` around a Hugging Face causal LM.
+- :class:`EpisodeRolloutBuffer`: minibatches of whole episodes, one transformer forward each.
+- :func:`text_ppo_kwargs`: PPO settings to start from for text.
+"""
+
+from agents.buffers import EpisodeRolloutBuffer
+from agents.defaults import TEXT_PPO_DEFAULTS, text_ppo_kwargs
+from agents.extractor import CausalLMExtractor, load_causal_lm
+from agents.policy import TransformerPolicy
+
+__all__ = [
+    "TEXT_PPO_DEFAULTS",
+    "CausalLMExtractor",
+    "EpisodeRolloutBuffer",
+    "TransformerPolicy",
+    "load_causal_lm",
+    "text_ppo_kwargs",
+]

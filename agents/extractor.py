@@ -1,0 +1,85 @@
+"""The transformer trunk as an SB3 features extractor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+
+
+def load_causal_lm(model_name_or_path: str, **from_pretrained_kwargs: Any):
+    """Load a pretrained ``AutoModelForCausalLM`` in fp32, eval mode (dropout off).
+
+    :param model_name_or_path: hub id, local directory, or :data:`textgym.assets.DEFAULT_MODEL`.
+    :param from_pretrained_kwargs: passed to ``from_pretrained`` (e.g. ``revision``,
+        ``attn_implementation``); ``dtype`` defaults to ``torch.float32``.
+    :raises textgym.assets.AssetError: the default model could not be fetched.
+    :raises OSError: transformers could not find the model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from textgym.assets import resolve_pretrained
+
+    from_pretrained_kwargs.setdefault("dtype", th.float32)
+    model = AutoModelForCausalLM.from_pretrained(resolve_pretrained(model_name_or_path), **from_pretrained_kwargs)
+    return model.eval()
+
+
+def last_token_index(attention_mask: th.Tensor) -> th.Tensor:
+    """Index of the last real token in each row.
+
+    :param attention_mask: ``(B, L)`` integer or bool tensor, 1 on real tokens.
+    :return: ``(B,)`` int64 tensor; for a row without real tokens, -1.
+    """
+    length = attention_mask.shape[-1]
+    positions = th.arange(length, device=attention_mask.device)
+    return th.where(attention_mask.bool(), positions, -1).max(dim=-1).values
+
+
+class CausalLMExtractor(BaseFeaturesExtractor):
+    """Hidden states of a pretrained causal LM's trunk (the LM without its output head).
+
+    ``forward(obs)`` returns the final hidden state at each observation's last real token, the
+    state from which the next token is predicted: ``float32 (B, hidden_size)``. The full model is
+    kept in ``self.lm`` (so its output head can serve as the policy's action net and
+    ``save_pretrained`` still works); the trunk is ``self.lm.base_model``.
+
+    Observations follow :class:`textgym.spaces.TokenWindowSpace`: ``input_ids`` ``(B, L)`` and
+    ``attention_mask`` ``(B, L)`` with one contiguous block of real tokens per row. Position ids
+    count real tokens only, so left padding does not shift positions (as ``generate`` does for
+    GPT-2 and Llama).
+
+    :param observation_space: the env's observation space.
+    :param model_name_or_path: model to load.
+    :param from_pretrained_kwargs: extra ``from_pretrained`` arguments.
+    """
+
+    def __init__(self, observation_space: spaces.Dict, model_name_or_path: str,
+                 from_pretrained_kwargs: dict[str, Any] | None = None):
+        super().__init__(observation_space, features_dim=1)
+        self.lm = load_causal_lm(model_name_or_path, **(from_pretrained_kwargs or {}))
+        self._features_dim = self.lm.config.get_text_config().hidden_size
+
+    def hidden_states(self, input_ids: th.Tensor, attention_mask: th.Tensor) -> th.Tensor:
+        """Final hidden states at every position.
+
+        :param input_ids: ``(B, L)`` integer token ids (any integer dtype, or floats holding integers).
+        :param attention_mask: ``(B, L)`` 0/1.
+        :return: ``float32 (B, L', hidden_size)`` with ``L' = 1 + max last real index`` (trailing
+            all-padding columns are not computed).
+        """
+        mask = attention_mask.long()
+        width = int(last_token_index(mask).max()) + 1
+        ids, mask = input_ids[:, :width].long(), mask[:, :width]
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    def forward(self, observations: dict[str, th.Tensor]) -> th.Tensor:
+        """Hidden state at each observation's last real token: ``float32 (B, hidden_size)``."""
+        mask = observations["attention_mask"]
+        hidden = self.hidden_states(observations["input_ids"], mask)
+        rows = th.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, last_token_index(mask)]

@@ -1,0 +1,165 @@
+"""``TransformerPolicy``: an SB3 actor-critic policy whose actor is a pretrained causal LM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+
+from agents.extractor import CausalLMExtractor, last_token_index
+from agents.prefix_sharing import covering_rows
+
+
+class TransformerPolicy(ActorCriticPolicy):
+    """Actor-critic policy around any Hugging Face causal LM, for upstream SB3 ``PPO`` and ``A2C``.
+
+    Architecture (one shared trunk, as in Ziegler et al. 2019 and TRL's value-head models):
+
+    - features extractor: :class:`~agents.extractor.CausalLMExtractor`, the LM's trunk; features
+      are the final hidden state at the last real token, ``float32 (B, hidden_size)``;
+    - action net: the LM's own output head (``lm.get_output_embeddings()``), so action logits are
+      exactly the LM's next-token logits and go through SB3's ``CategoricalDistribution``;
+    - value head (``value_net``): a new ``Linear(hidden_size, 1)``, zero-initialised (V = 0 at
+      the start).
+
+    Pretrained weights are never re-initialised (SB3's orthogonal init is off) and dropout is
+    always off, so PPO's ratio compares the old and new log-probs of the same function.
+
+    Observations are :class:`textgym.spaces.TokenWindowSpace` dicts; token ids are read as
+    integers (no float cast through ``preprocess_obs``).
+
+    :param observation_space: the env's observation space (``Dict`` with ``input_ids`` and
+        ``attention_mask``).
+    :param action_space: ``Discrete(n)`` with ``n`` equal to the LM's output vocabulary.
+    :param lr_schedule: SB3 learning-rate schedule.
+    :param model_name_or_path: LM to load; default: the observation space's ``model_name_or_path``,
+        i.e. the model whose tokenizer the env uses.
+    :param from_pretrained_kwargs: extra ``from_pretrained`` arguments (``revision``, ...).
+    :param share_prefix_forward: in :meth:`evaluate_actions`, run one forward per group of
+        observations that are prefixes of one another (one per episode) instead of one per
+        observation; exact, see :mod:`agents.prefix_sharing`.
+    :param kwargs: other ``ActorCriticPolicy`` arguments (``optimizer_class``, ``optimizer_kwargs``,
+        ``net_arch=dict(pi=[], vf=[...])`` for a deeper value head).
+    :raises ValueError: the spaces are not token spaces, no model is named, the LM's vocabulary
+        differs from the action space, the window exceeds the LM's positions, ``ortho_init=True``,
+        or ``net_arch`` has actor layers.
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        model_name_or_path: str | None = None,
+        from_pretrained_kwargs: dict[str, Any] | None = None,
+        share_prefix_forward: bool = True,
+        net_arch: list[int] | dict[str, list[int]] | None = None,
+        ortho_init: bool = False,
+        **kwargs: Any,
+    ):
+        _check_spaces(observation_space, action_space)
+        model_name_or_path = model_name_or_path or getattr(observation_space, "model_name_or_path", None)
+        if model_name_or_path is None:
+            raise ValueError("no model given: pass policy_kwargs=dict(model_name_or_path=...) "
+                             "or use an observation space that records it (textgym's TokenWindowSpace)")
+        if ortho_init:
+            raise ValueError("ortho_init=True would overwrite the pretrained weights; leave it False")
+        net_arch = [] if net_arch is None else net_arch
+        if (net_arch.get("pi") if isinstance(net_arch, dict) else net_arch):
+            raise ValueError(f"net_arch={net_arch!r} adds actor layers, but the actor is the LM's own "
+                             "head; use net_arch=dict(pi=[], vf=[...]) to deepen the value head only")
+        self.model_name_or_path = model_name_or_path
+        self.from_pretrained_kwargs = from_pretrained_kwargs or {}
+        self.share_prefix_forward = share_prefix_forward
+        super().__init__(
+            observation_space,
+            action_space,
+            lr_schedule,
+            net_arch=net_arch,
+            ortho_init=False,
+            features_extractor_class=CausalLMExtractor,
+            features_extractor_kwargs=dict(model_name_or_path=model_name_or_path,
+                                           from_pretrained_kwargs=self.from_pretrained_kwargs),
+            share_features_extractor=True,
+            **kwargs,
+        )
+
+    @property
+    def lm(self):
+        """The wrapped Hugging Face causal LM (``PreTrainedModel``); its output head is ``action_net``."""
+        return self.features_extractor.lm
+
+    def _build(self, lr_schedule: Schedule) -> None:
+        self._check_model()
+        self._build_mlp_extractor()
+        self.action_net = self.lm.get_output_embeddings()
+        self.value_net = th.nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
+        th.nn.init.zeros_(self.value_net.weight)
+        th.nn.init.zeros_(self.value_net.bias)
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    def _check_model(self) -> None:
+        vocab = self.lm.get_output_embeddings().weight.shape[0]
+        if vocab != self.action_space.n:
+            raise ValueError(
+                f"{self.model_name_or_path} predicts {vocab} tokens but the action space is "
+                f"Discrete({self.action_space.n}); create the env with the same model "
+                f"(model_name_or_path=...) or with vocab_size={vocab}"
+            )
+        window = self.observation_space["input_ids"].shape[-1]
+        positions = getattr(self.lm.config.get_text_config(), "max_position_embeddings", None)
+        if positions is not None and window > positions:
+            raise ValueError(f"observations hold {window} tokens but {self.model_name_or_path} has only "
+                             f"{positions} positions; lower max_prompt_tokens + max_new_tokens")
+
+    def set_training_mode(self, mode: bool) -> None:
+        """SB3's train/eval switch; the LM stays in eval mode either way (dropout off, see class doc)."""
+        super().set_training_mode(mode)
+        self.lm.eval()
+
+    def extract_features(self, obs: PyTorchObs, features_extractor=None) -> th.Tensor:
+        """Features from integer observations, skipping SB3's float cast (``preprocess_obs``)."""
+        return (features_extractor or self.features_extractor)(obs)
+
+    def evaluate_actions(self, obs: PyTorchObs, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
+        """Values, log-probs and entropy of ``actions`` for a minibatch, as SB3's PPO/A2C expect.
+
+        With ``share_prefix_forward`` each group of observations that are prefixes of one another
+        costs one transformer forward (:func:`agents.prefix_sharing.covering_rows`); results equal
+        the per-observation computation up to float rounding.
+
+        :param obs: ``{"input_ids": (B, L), "attention_mask": (B, L)}`` tensors.
+        :param actions: ``(B,)`` token ids (any dtype holding integers).
+        :return: ``values`` float32 ``(B, 1)``, ``log_prob`` float32 ``(B,)``, ``entropy`` float32 ``(B,)``.
+        """
+        if not self.share_prefix_forward:
+            return super().evaluate_actions(obs, actions)
+        ids, mask = obs["input_ids"].long(), obs["attention_mask"].long()
+        reps = covering_rows(ids, mask)
+        groups, group_of_row = th.unique(reps, return_inverse=True)
+        hidden = self.features_extractor.hidden_states(ids[groups], mask[groups])
+        features = hidden[group_of_row, last_token_index(mask)]
+        latent_pi, latent_vf = self.mlp_extractor(features)
+        distribution = self._get_action_dist_from_latent(latent_pi)
+        return self.value_net(latent_vf), distribution.log_prob(actions), distribution.entropy()
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        for key in ("features_extractor_class", "features_extractor_kwargs", "ortho_init"):
+            data.pop(key, None)
+        data.update(model_name_or_path=self.model_name_or_path,
+                    from_pretrained_kwargs=self.from_pretrained_kwargs,
+                    share_prefix_forward=self.share_prefix_forward)
+        return data
+
+
+def _check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> None:
+    if not (isinstance(observation_space, spaces.Dict)
+            and {"input_ids", "attention_mask"} <= set(observation_space.spaces)):
+        raise ValueError(f"TransformerPolicy needs a Dict observation space with 'input_ids' and "
+                         f"'attention_mask' (textgym's TokenWindowSpace), got {observation_space}")
+    if not isinstance(action_space, spaces.Discrete):
+        raise ValueError(f"TransformerPolicy needs a Discrete action space (token ids), got {action_space}")

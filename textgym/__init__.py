@@ -1,0 +1,25 @@
+"""textgym: text generation as a Gymnasium environment, trained with upstream Stable-Baselines3.
+
+``import textgym`` registers ``TextGen-v0`` (:class:`textgym.env.TextGenEnv`) with Gymnasium.
+"""
+
+from gymnasium.envs.registration import register
+
+from textgym.assets import DEFAULT_MODEL, AssetError
+from textgym.env import TextGenEnv
+from textgym.prompts import movie_review_prompts
+from textgym.rewards import SentimentRewardModel, SequenceClassifierReward
+from textgym.spaces import TokenWindowSpace
+
+register(id="TextGen-v0", entry_point="textgym.env:TextGenEnv")
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "AssetError",
+    "SentimentRewardModel",
+    "SequenceClassifierReward",
+    "TextGenEnv",
+    "TokenWindowSpace",
+    "movie_review_prompts",
+]
+__version__ = "0.1.0"

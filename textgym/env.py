@@ -1,0 +1,203 @@
+"""``TextGen-v0``: text generation as a Gymnasium environment, one token per step."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from textgym import assets
+from textgym.prompts import as_prompt_list
+from textgym.rewards import as_reward_fn, check_rewards
+from textgym.spaces import TokenWindowSpace
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(model_name_or_path: str):
+    """``AutoTokenizer`` for a model name (textgym default, hub id or path), shared within a process.
+
+    :raises textgym.assets.AssetError: the default model could not be fetched.
+    :raises OSError: transformers could not find the tokenizer (offline and not cached, bad path).
+    """
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(assets.resolve_pretrained(model_name_or_path))
+
+
+class TextGenEnv(gym.Env):
+    """Generate a continuation of a prompt, one token per step; a reward model scores the result.
+
+    ## Description
+    Each episode draws a prompt, and the agent writes its continuation token by token. This is the
+    token-level MDP of PPO fine-tuning for language models (Ziegler et al. 2019, "Fine-Tuning
+    Language Models from Human Preferences"; Ouyang et al. 2022): the state is the prompt plus the
+    tokens generated so far, the action is the next token, and the reward arrives when the text
+    is finished.
+
+    ## Action Space
+    ``Discrete(vocab_size)``: the id of the next token (``np.int64``). Ids outside ``[0, vocab_size)``
+    raise ``ValueError``.
+
+    ## Observation Space
+    :class:`textgym.spaces.TokenWindowSpace`: ``{"input_ids": int64 (L,), "attention_mask": int8 (L,)}``
+    with ``L = max_prompt_tokens + max_new_tokens``; the prompt is left-padded into the first
+    ``max_prompt_tokens`` slots and generated tokens follow it. The space records
+    ``model_name_or_path`` so that a policy can load the matching model.
+
+    ## Rewards
+    0 on every step but the last. On the last step, the reward model's score of
+    ``(prompt, completion)``, where ``completion`` is the decoded generated text without the EOS
+    token. ``info["reward_components"]`` lists what the reward is made of (``{"score": ...}``).
+
+    ## Starting State
+    A prompt drawn uniformly from the prompt source with ``self.np_random`` (or given as
+    ``reset(options={"prompt": "..."})``) and no generated tokens.
+
+    ## Episode End
+    ``terminated=True`` when the agent emits the EOS token or when ``max_new_tokens`` tokens have
+    been generated: both end the generation, so neither is a time-limit truncation and the value
+    of the final state is 0 (SB3 bootstraps only ``truncated`` episodes). ``truncated`` is
+    always False.
+
+    ## Arguments
+    - ``model_name_or_path``: tokenizer (and default policy) source: a hub id, a local directory, or
+      :data:`textgym.assets.DEFAULT_MODEL` (SmolLM2-135M-Instruct, embedded, offline).
+    - ``prompts``: prompt source, see :func:`textgym.prompts.as_prompt_list`; default: openings of
+      human-written movie-review sentences (training split). ``prompt_column`` names the column of
+      a ``datasets.Dataset``.
+    - ``reward_model``: see :func:`textgym.rewards.as_reward_fn`; default: sentiment of
+      ``prompt + completion`` (:class:`textgym.rewards.SentimentRewardModel`).
+    - ``max_prompt_tokens``: the prompt window; a longer prompt raises ``ValueError``.
+    - ``max_new_tokens``: the generation limit (episode length limit).
+    - ``vocab_size``: action-space size; default ``len(tokenizer)``. Set it to the model's
+      (padded) vocabulary size where that differs.
+    - ``eos_token_id``: the token that ends a generation; default the tokenizer's. ``None``
+      with a tokenizer without one: only ``max_new_tokens`` ends an episode.
+    - ``render_mode``: ``"ansi"`` (``render()`` returns prompt + completion text) or ``None``.
+
+    The constructor tokenizes every prompt and calls the reward model once on the first prompt
+    with an empty completion, so bad input fails here rather than during training.
+
+    ## Version History
+    - v0: initial version.
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+
+    def __init__(
+        self,
+        model_name_or_path: str = assets.DEFAULT_MODEL,
+        prompts: Any = None,
+        reward_model: Any = None,
+        max_prompt_tokens: int = 32,
+        max_new_tokens: int = 24,
+        prompt_column: str = "prompt",
+        vocab_size: int | None = None,
+        eos_token_id: int | None = -1,
+        render_mode: str | None = None,
+    ):
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            # TypeError, not ValueError: SB3's make_vec_env asks for render_mode="rgb_array" and
+            # retries without it exactly when the env raises TypeError.
+            raise TypeError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
+        self.render_mode = render_mode
+        self.tokenizer = load_tokenizer(model_name_or_path)
+        self.eos_token_id = self.tokenizer.eos_token_id if eos_token_id == -1 else eos_token_id
+        vocab_size = len(self.tokenizer) if vocab_size is None else vocab_size
+
+        self.prompts = as_prompt_list(prompts, prompt_column)
+        self._prompt_ids = self.tokenizer(self.prompts)["input_ids"]
+        self._check_prompt_lengths(max_prompt_tokens)
+
+        self.observation_space = TokenWindowSpace(vocab_size, max_prompt_tokens, max_new_tokens, model_name_or_path)
+        self.action_space = spaces.Discrete(vocab_size)
+        self.max_new_tokens = max_new_tokens
+        self.reward_fn = as_reward_fn(reward_model)
+        check_rewards(self.reward_fn([self.prompts[0]], [""]), 1)
+
+        self._prompt_index: int | None = None
+        self._prompt: str = ""
+        self._prompt_tokens: list[int] = []
+        self._generated: list[int] = []
+        self._done = True
+
+    def _check_prompt_lengths(self, max_prompt_tokens: int) -> None:
+        lengths = [len(ids) for ids in self._prompt_ids]
+        longest = int(np.argmax(lengths))
+        if lengths[longest] > max_prompt_tokens:
+            raise ValueError(
+                f"prompt #{longest} ({self.prompts[longest][:80]!r}) is {lengths[longest]} tokens, longer "
+                f"than max_prompt_tokens={max_prompt_tokens}; raise max_prompt_tokens or shorten the prompt"
+            )
+        empty = [i for i, n in enumerate(lengths) if n == 0]
+        if empty:
+            raise ValueError(f"prompt #{empty[0]} tokenizes to no tokens; every prompt needs at least one")
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Start an episode: draw a prompt (``self.np_random``) or take ``options["prompt"]``.
+
+        :return: ``(observation, info)``; ``info = {"prompt": str}``.
+        :raises ValueError: ``options["prompt"]`` is empty or longer than ``max_prompt_tokens``.
+        """
+        super().reset(seed=seed)
+        if options and "prompt" in options:
+            self._prompt = options["prompt"]
+            self._prompt_tokens = list(self.tokenizer(self._prompt)["input_ids"])
+            if not self._prompt_tokens or len(self._prompt_tokens) > self.observation_space.prompt_length:
+                raise ValueError(
+                    f"options['prompt'] is {len(self._prompt_tokens)} tokens; it must be 1.."
+                    f"{self.observation_space.prompt_length} (max_prompt_tokens)"
+                )
+        else:
+            index = int(self.np_random.integers(len(self.prompts)))
+            self._prompt, self._prompt_tokens = self.prompts[index], list(self._prompt_ids[index])
+        self._generated = []
+        self._done = False
+        return self.observation_space.encode(self._prompt_tokens, self._generated), {"prompt": self._prompt}
+
+    def step(self, action):
+        """Append token ``action``; score the text if the generation ended.
+
+        :return: ``(observation, reward, terminated, truncated=False, info)``; at the last step
+            ``info`` holds ``prompt``, ``completion`` and ``reward_components``.
+        :raises ValueError: ``action`` is not a token id of the action space.
+        :raises RuntimeError: the episode already ended (call ``reset()``).
+        """
+        if self._done:
+            raise RuntimeError("step() called on a finished episode; call reset() first")
+        token = int(action)
+        if token != action or not 0 <= token < self.action_space.n:
+            raise ValueError(f"action {action!r} is not a token id in [0, {self.action_space.n})")
+        self._generated.append(token)
+        terminated = token == self.eos_token_id or len(self._generated) >= self.max_new_tokens
+        observation = self.observation_space.encode(self._prompt_tokens, self._generated)
+        info: dict[str, Any] = {"prompt": self._prompt}
+        reward = 0.0
+        if terminated:
+            self._done = True
+            completion = self.completion()
+            reward = float(check_rewards(self.reward_fn([self._prompt], [completion]), 1)[0])
+            info.update(completion=completion, reward_components={"score": reward})
+        return observation, reward, terminated, False, info
+
+    def completion(self) -> str:
+        """The generated text so far, without the EOS token and other special tokens."""
+        tokens = self._generated
+        if tokens and tokens[-1] == self.eos_token_id:
+            tokens = tokens[:-1]
+        # Decoding prompt and continuation together keeps the separator a tokenizer inserts
+        # between them (e.g. the space between words of a word-level tokenizer).
+        prefix = self.tokenizer.decode(self._prompt_tokens, skip_special_tokens=True)
+        full = self.tokenizer.decode(self._prompt_tokens + tokens, skip_special_tokens=True)
+        if full.startswith(prefix):
+            return full[len(prefix):]
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def render(self) -> str | None:
+        """``"ansi"``: the prompt followed by the completion so far; ``None`` without a render mode."""
+        if self.render_mode == "ansi":
+            return self._prompt + self.completion()
+        return None
