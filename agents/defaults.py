@@ -7,17 +7,21 @@ from typing import Any
 from agents.buffers import EpisodeRolloutBuffer
 
 TEXT_PPO_DEFAULTS: dict[str, Any] = dict(
-    n_steps=64,            # steps per env per rollout: a few whole generations per env
-    batch_size=64,         # minimum transitions per minibatch (whole episodes, see EpisodeRolloutBuffer)
+    n_steps=32,            # steps per env per rollout: a couple of whole generations per env
+    batch_size=128,        # minimum transitions per minibatch (whole episodes, see EpisodeRolloutBuffer);
+                           # large, because every optimizer step moves all LM weights
     n_epochs=4,            # PPO epochs per rollout (Ziegler et al. 2019 use 4)
-    learning_rate=1e-5,    # fine-tuning rate for a pretrained LM (TRL's PPO uses 1.41e-5)
+    learning_rate=5e-6,    # 1e-5 already gave approx_kl ~0.5 per update on SmolLM2-135M (measured)
     gamma=1.0,             # no discount: only the finished text is scored
     gae_lambda=0.95,
     clip_range=0.2,
     ent_coef=0.0,
     vf_coef=0.1,           # the value head shares the trunk: keep its loss from dominating the LM (TRL: 0.1)
     max_grad_norm=1.0,
+    target_kl=0.1,         # SB3 stops the epoch loop once approx_kl > 1.5 * target_kl
     rollout_buffer_class=EpisodeRolloutBuffer,
+    # The new value head needs a far larger rate than the pretrained LM (see TransformerPolicy).
+    policy_kwargs=dict(value_learning_rate=1e-4),
 )
 """Keyword arguments for ``stable_baselines3.PPO`` with :class:`agents.TransformerPolicy`.
 
@@ -31,6 +35,9 @@ start from. SB3's defaults are left untouched; use them as ``PPO(TransformerPoli
 def text_ppo_kwargs(**overrides: Any) -> dict[str, Any]:
     """:data:`TEXT_PPO_DEFAULTS` updated with ``overrides`` (a new dict; the defaults stay as they are).
 
+    ``policy_kwargs`` are merged key by key, so ``policy_kwargs=dict(model_name_or_path=...)``
+    keeps the default ``value_learning_rate``.
+
     :raises TypeError: an override that ``stable_baselines3.PPO`` does not accept.
     """
     import inspect
@@ -41,4 +48,5 @@ def text_ppo_kwargs(**overrides: Any) -> dict[str, Any]:
     unknown = sorted(set(overrides) - accepted)
     if unknown:
         raise TypeError(f"stable_baselines3.PPO has no parameter(s) {unknown}")
-    return {**TEXT_PPO_DEFAULTS, **overrides}
+    policy_kwargs = {**TEXT_PPO_DEFAULTS["policy_kwargs"], **(overrides.pop("policy_kwargs", None) or {})}
+    return {**TEXT_PPO_DEFAULTS, **overrides, "policy_kwargs": policy_kwargs}

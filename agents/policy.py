@@ -38,6 +38,12 @@ class TransformerPolicy(ActorCriticPolicy):
     :param model_name_or_path: LM to load; default: the observation space's ``model_name_or_path``,
         i.e. the model whose tokenizer the env uses.
     :param from_pretrained_kwargs: extra ``from_pretrained`` arguments (``revision``, ...).
+    :param value_learning_rate: learning rate of a separate optimizer (same class and kwargs) for
+        the value head; ``None``: one optimizer for everything, at SB3's learning rate. Adam moves
+        every weight by about the learning rate per step, so a new value head trained at a
+        pretrained LM's fine-tuning rate (~1e-6..1e-5) barely moves and its explained variance
+        stays near 0. The value optimizer steps right after SB3's (a step hook) at this fixed
+        rate; its state is not saved with the model (it restarts after ``load``).
     :param share_prefix_forward: in :meth:`evaluate_actions`, run one forward per group of
         observations that are prefixes of one another (one per episode) instead of one per
         observation; exact, see :mod:`agents.prefix_sharing`.
@@ -55,6 +61,7 @@ class TransformerPolicy(ActorCriticPolicy):
         lr_schedule: Schedule,
         model_name_or_path: str | None = None,
         from_pretrained_kwargs: dict[str, Any] | None = None,
+        value_learning_rate: float | None = None,
         share_prefix_forward: bool = True,
         net_arch: list[int] | dict[str, list[int]] | None = None,
         ortho_init: bool = False,
@@ -74,6 +81,7 @@ class TransformerPolicy(ActorCriticPolicy):
         self.model_name_or_path = model_name_or_path
         self.from_pretrained_kwargs = from_pretrained_kwargs or {}
         self.share_prefix_forward = share_prefix_forward
+        self.value_learning_rate = value_learning_rate
         super().__init__(
             observation_space,
             action_space,
@@ -99,7 +107,21 @@ class TransformerPolicy(ActorCriticPolicy):
         self.value_net = th.nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
         th.nn.init.zeros_(self.value_net.weight)
         th.nn.init.zeros_(self.value_net.bias)
-        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+        if self.value_learning_rate is None:
+            self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+            return
+        value_params = [*self.value_net.parameters(), *self.mlp_extractor.value_net.parameters()]
+        value_ids = {id(p) for p in value_params}
+        lm_params = [p for p in self.parameters() if id(p) not in value_ids]
+        self.optimizer = self.optimizer_class(lm_params, lr=lr_schedule(1), **self.optimizer_kwargs)
+        self.value_optimizer = self.optimizer_class(value_params, lr=self.value_learning_rate, **self.optimizer_kwargs)
+        self.optimizer.register_step_post_hook(self._step_value_optimizer)
+
+    def _step_value_optimizer(self, optimizer, args, kwargs) -> None:
+        # SB3 zeroes, clips and steps only self.optimizer; the value head's gradients were clipped
+        # with the rest (clip_grad_norm_ over policy.parameters()), so step them here, then zero them.
+        self.value_optimizer.step()
+        self.value_optimizer.zero_grad()
 
     def _check_model(self) -> None:
         vocab = self.lm.get_output_embeddings().weight.shape[0]
@@ -152,7 +174,8 @@ class TransformerPolicy(ActorCriticPolicy):
             data.pop(key, None)
         data.update(model_name_or_path=self.model_name_or_path,
                     from_pretrained_kwargs=self.from_pretrained_kwargs,
-                    share_prefix_forward=self.share_prefix_forward)
+                    share_prefix_forward=self.share_prefix_forward,
+                    value_learning_rate=self.value_learning_rate)
         return data
 
 

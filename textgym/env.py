@@ -74,8 +74,8 @@ class TextGenEnv(gym.Env):
     - ``max_new_tokens``: the generation limit (episode length limit).
     - ``vocab_size``: action-space size; default ``len(tokenizer)``. Set it to the model's
       (padded) vocabulary size where that differs.
-    - ``eos_token_id``: the token that ends a generation; default the tokenizer's. ``None``
-      with a tokenizer without one: only ``max_new_tokens`` ends an episode.
+    - ``eos_token_id``: the token that ends a generation; ``-1`` (default): the tokenizer's;
+      ``None``: no stop token, only ``max_new_tokens`` ends an episode.
     - ``render_mode``: ``"ansi"`` (``render()`` returns prompt + completion text) or ``None``.
 
     The constructor tokenizes every prompt and calls the reward model once on the first prompt

