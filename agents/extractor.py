@@ -62,24 +62,28 @@ class CausalLMExtractor(BaseFeaturesExtractor):
         self.lm = load_causal_lm(model_name_or_path, **(from_pretrained_kwargs or {}))
         self._features_dim = self.lm.config.get_text_config().hidden_size
 
-    def hidden_states(self, input_ids: th.Tensor, attention_mask: th.Tensor) -> th.Tensor:
-        """Final hidden states at every position.
+    def hidden_states(self, input_ids: th.Tensor, attention_mask: th.Tensor) -> tuple[th.Tensor, int]:
+        """Final hidden states over the columns that hold a real token in some row.
 
         :param input_ids: ``(B, L)`` integer token ids (any integer dtype, or floats holding integers).
         :param attention_mask: ``(B, L)`` 0/1.
-        :return: ``float32 (B, L', hidden_size)`` with ``L' = 1 + max last real index`` (trailing
-            all-padding columns are not computed).
+        :return: ``(hidden, offset)``: ``float32 (B, hi - offset, hidden_size)`` for columns
+            ``offset .. hi - 1``, where ``offset`` is the first column with a real token in any row and
+            ``hi - 1`` the last. Padding-only columns (the unused part of the prompt window, the
+            generation slots not reached yet) are not computed; column ``c`` is ``hidden[:, c - offset]``.
         """
         mask = attention_mask.long()
-        width = int(last_token_index(mask).max()) + 1
-        ids, mask = input_ids[:, :width].long(), mask[:, :width]
+        real = mask.bool().any(0)
+        offset = int(real.to(th.int8).argmax())
+        hi = int(last_token_index(mask).max()) + 1
+        ids, mask = input_ids[:, offset:hi].long(), mask[:, offset:hi]
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
-        return out.last_hidden_state
+        return out.last_hidden_state, offset
 
     def forward(self, observations: dict[str, th.Tensor]) -> th.Tensor:
         """Hidden state at each observation's last real token: ``float32 (B, hidden_size)``."""
         mask = observations["attention_mask"]
-        hidden = self.hidden_states(observations["input_ids"], mask)
+        hidden, offset = self.hidden_states(observations["input_ids"], mask)
         rows = th.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows, last_token_index(mask)]
+        return hidden[rows, last_token_index(mask) - offset]

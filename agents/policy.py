@@ -162,8 +162,8 @@ class TransformerPolicy(ActorCriticPolicy):
         ids, mask = obs["input_ids"].long(), obs["attention_mask"].long()
         reps = covering_rows(ids, mask)
         groups, group_of_row = th.unique(reps, return_inverse=True)
-        hidden = self.features_extractor.hidden_states(ids[groups], mask[groups])
-        features = hidden[group_of_row, last_token_index(mask)]
+        hidden, offset = self.features_extractor.hidden_states(ids[groups], mask[groups])
+        features = hidden[group_of_row, last_token_index(mask) - offset]
         latent_pi, latent_vf = self.mlp_extractor(features)
         distribution = self._get_action_dist_from_latent(latent_pi)
         return self.value_net(latent_vf), distribution.log_prob(actions), distribution.entropy()

@@ -13,11 +13,12 @@ torch.set_num_threads(2)
 
 PROMPTS = ["the movie was", "a film is", "one two", "the film was very"]
 KEYWORD = "good"
+MAX_NEW_TOKENS = 4
 
 
 def keyword_reward(prompts: list[str], completions: list[str]) -> list[float]:
-    """Fraction of completion words equal to KEYWORD (0..1)."""
-    return [c.split().count(KEYWORD) / max(len(c.split()), 1) for c in completions]
+    """Occurrences of KEYWORD in the completion, over MAX_NEW_TOKENS: 1.0 is the optimum, stopping early costs."""
+    return [c.split().count(KEYWORD) / MAX_NEW_TOKENS for c in completions]
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +30,7 @@ def tiny_lm(tmp_path_factory) -> str:
 def tiny_env_kwargs(tiny_lm) -> dict:
     """TextGen-v0 arguments for the tiny LM: 4 short prompts, keyword reward, 5 + 4 token window."""
     return {"model_name_or_path": tiny_lm, "prompts": PROMPTS, "reward_model": keyword_reward,
-            "max_prompt_tokens": 5, "max_new_tokens": 4}
+            "max_prompt_tokens": 5, "max_new_tokens": MAX_NEW_TOKENS}
 
 
 @pytest.fixture

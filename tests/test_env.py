@@ -60,7 +60,7 @@ def test_terminates_at_eos_with_reward_only_at_the_end(make_tiny_env):
     assert [(s[2], s[3]) for s in steps] == [(False, False), (False, False), (True, False)]
     _, reward, _, _, info = steps[-1]
     assert info["completion"] == " good bad"
-    assert reward == pytest.approx(0.5)
+    assert reward == pytest.approx(1 / 4)  # one keyword / MAX_NEW_TOKENS
     assert info["reward_components"] == {"score": reward}
     with pytest.raises(RuntimeError, match="reset"):
         env.step(GOOD)
@@ -72,7 +72,7 @@ def test_terminates_not_truncates_at_max_new_tokens(make_tiny_env):
     results = [env.step(GOOD) for _ in range(3)]
     assert [r[2] for r in results] == [False, False, True]
     assert not any(r[3] for r in results)
-    assert results[-1][1] == 1.0
+    assert results[-1][1] == 3 / 4
     assert env.render() == "one two good good good"
 
 

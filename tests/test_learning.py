@@ -10,10 +10,10 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from agents import TransformerPolicy, text_ppo_kwargs
 
 CHANCE_CEILING = 0.3
-"""An untrained policy says "good" in about 1/19 of its words (19 tokens): mean reward ~0.05."""
+"""An untrained policy says "good" about once in 19 tokens and often stops early: mean reward ~0.05."""
 
 THRESHOLD = 0.8
-"""After training, at least 80% of generated words must be the keyword (optimum: 1.0)."""
+"""After training, the keyword must fill at least 80% of the 4 slots (optimum: 1.0; seeds 0-3 gave 0.99-1.0)."""
 
 
 def test_ppo_learns_to_say_the_keyword(tiny_env_kwargs):
