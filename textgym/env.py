@@ -110,7 +110,7 @@ class TextGenEnv(gym.Env):
 
         self.prompts = as_prompt_list(prompts, prompt_column)
         self._prompt_ids = self.tokenizer(self.prompts)["input_ids"]
-        self._check_prompt_lengths(max_prompt_tokens)
+        self._check_prompt_tokens(self.prompts, self._prompt_ids, max_prompt_tokens)
 
         self.observation_space = TokenWindowSpace(vocab_size, max_prompt_tokens, max_new_tokens, model_name_or_path)
         self.action_space = spaces.Discrete(vocab_size)
@@ -118,23 +118,20 @@ class TextGenEnv(gym.Env):
         self.reward_fn = as_reward_fn(reward_model)
         check_rewards(self.reward_fn([self.prompts[0]], [""]), 1)
 
-        self._prompt_index: int | None = None
         self._prompt: str = ""
         self._prompt_tokens: list[int] = []
         self._generated: list[int] = []
         self._done = True
 
-    def _check_prompt_lengths(self, max_prompt_tokens: int) -> None:
-        lengths = [len(ids) for ids in self._prompt_ids]
-        longest = int(np.argmax(lengths))
-        if lengths[longest] > max_prompt_tokens:
-            raise ValueError(
-                f"prompt #{longest} ({self.prompts[longest][:80]!r}) is {lengths[longest]} tokens, longer "
-                f"than max_prompt_tokens={max_prompt_tokens}; raise max_prompt_tokens or shorten the prompt"
-            )
-        empty = [i for i, n in enumerate(lengths) if n == 0]
-        if empty:
-            raise ValueError(f"prompt #{empty[0]} tokenizes to no tokens; every prompt needs at least one")
+    @staticmethod
+    def _check_prompt_tokens(prompts: list[str], prompt_ids: list[list[int]], limit: int, label: str = "prompt #{}") -> None:
+        for i, (prompt, ids) in enumerate(zip(prompts, prompt_ids)):
+            name = f"{label.format(i)} ({prompt[:80]!r})"
+            if not ids:
+                raise ValueError(f"{name} tokenizes to no tokens; every prompt needs at least one")
+            if len(ids) > limit:
+                raise ValueError(f"{name} is {len(ids)} tokens, longer than max_prompt_tokens={limit}; "
+                                 "raise max_prompt_tokens or shorten the prompt")
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Start an episode: draw a prompt (``self.np_random``) or take ``options["prompt"]``.
@@ -144,13 +141,10 @@ class TextGenEnv(gym.Env):
         """
         super().reset(seed=seed)
         if options and "prompt" in options:
-            self._prompt = options["prompt"]
-            self._prompt_tokens = list(self.tokenizer(self._prompt)["input_ids"])
-            if not self._prompt_tokens or len(self._prompt_tokens) > self.observation_space.prompt_length:
-                raise ValueError(
-                    f"options['prompt'] is {len(self._prompt_tokens)} tokens; it must be 1.."
-                    f"{self.observation_space.prompt_length} (max_prompt_tokens)"
-                )
+            prompt = options["prompt"]
+            tokens = list(self.tokenizer(prompt)["input_ids"])
+            self._check_prompt_tokens([prompt], [tokens], self.observation_space.prompt_length, "options['prompt']")
+            self._prompt, self._prompt_tokens = prompt, tokens
         else:
             index = int(self.np_random.integers(len(self.prompts)))
             self._prompt, self._prompt_tokens = self.prompts[index], list(self._prompt_ids[index])
