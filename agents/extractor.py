@@ -38,6 +38,30 @@ def last_token_index(attention_mask: th.Tensor) -> th.Tensor:
     return th.where(attention_mask.bool(), positions, -1).max(dim=-1).values
 
 
+def lm_hidden_states(lm, input_ids: th.Tensor, attention_mask: th.Tensor) -> tuple[th.Tensor, int]:
+    """Final hidden states of a causal LM's trunk over the columns that hold a real token in some row.
+
+    Position ids count real tokens only, so left padding does not shift positions (as ``generate``
+    does for GPT-2 and Llama).
+
+    :param lm: a transformers causal LM (``PreTrainedModel``); its trunk is ``lm.base_model``.
+    :param input_ids: ``(B, L)`` integer token ids (any integer dtype, or floats holding integers).
+    :param attention_mask: ``(B, L)`` 0/1, one contiguous block of ones per row.
+    :return: ``(hidden, offset)``: ``float32 (B, hi - offset, hidden_size)`` for columns
+        ``offset .. hi - 1``, where ``offset`` is the first column with a real token in any row and
+        ``hi - 1`` the last. Padding-only columns (the unused part of the prompt window, the
+        generation slots not reached yet) are not computed; column ``c`` is ``hidden[:, c - offset]``.
+    """
+    mask = attention_mask.long()
+    real = mask.bool().any(0)
+    offset = int(real.to(th.int8).argmax())
+    hi = int(last_token_index(mask).max()) + 1
+    ids, mask = input_ids[:, offset:hi].long(), mask[:, offset:hi]
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state, offset
+
+
 class CausalLMExtractor(BaseFeaturesExtractor):
     """Hidden states of a pretrained causal LM's trunk (the LM without its output head).
 
@@ -47,9 +71,7 @@ class CausalLMExtractor(BaseFeaturesExtractor):
     ``save_pretrained`` still works); the trunk is ``self.lm.base_model``.
 
     Observations follow :class:`textgym.spaces.TokenWindowSpace`: ``input_ids`` ``(B, L)`` and
-    ``attention_mask`` ``(B, L)`` with one contiguous block of real tokens per row. Position ids
-    count real tokens only, so left padding does not shift positions (as ``generate`` does for
-    GPT-2 and Llama).
+    ``attention_mask`` ``(B, L)`` with one contiguous block of real tokens per row.
 
     :param observation_space: the env's observation space.
     :param model_name_or_path: model to load.
@@ -62,28 +84,9 @@ class CausalLMExtractor(BaseFeaturesExtractor):
         self.lm = load_causal_lm(model_name_or_path, **(from_pretrained_kwargs or {}))
         self._features_dim = self.lm.config.get_text_config().hidden_size
 
-    def hidden_states(self, input_ids: th.Tensor, attention_mask: th.Tensor) -> tuple[th.Tensor, int]:
-        """Final hidden states over the columns that hold a real token in some row.
-
-        :param input_ids: ``(B, L)`` integer token ids (any integer dtype, or floats holding integers).
-        :param attention_mask: ``(B, L)`` 0/1.
-        :return: ``(hidden, offset)``: ``float32 (B, hi - offset, hidden_size)`` for columns
-            ``offset .. hi - 1``, where ``offset`` is the first column with a real token in any row and
-            ``hi - 1`` the last. Padding-only columns (the unused part of the prompt window, the
-            generation slots not reached yet) are not computed; column ``c`` is ``hidden[:, c - offset]``.
-        """
-        mask = attention_mask.long()
-        real = mask.bool().any(0)
-        offset = int(real.to(th.int8).argmax())
-        hi = int(last_token_index(mask).max()) + 1
-        ids, mask = input_ids[:, offset:hi].long(), mask[:, offset:hi]
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
-        return out.last_hidden_state, offset
-
     def forward(self, observations: dict[str, th.Tensor]) -> th.Tensor:
         """Hidden state at each observation's last real token: ``float32 (B, hidden_size)``."""
         mask = observations["attention_mask"]
-        hidden, offset = self.hidden_states(observations["input_ids"], mask)
+        hidden, offset = lm_hidden_states(self.lm, observations["input_ids"], mask)
         rows = th.arange(hidden.shape[0], device=hidden.device)
         return hidden[rows, last_token_index(mask) - offset]

@@ -9,8 +9,8 @@ from gymnasium import spaces
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 
-from agents.extractor import CausalLMExtractor, last_token_index
-from agents.prefix_sharing import covering_rows
+from agents.extractor import CausalLMExtractor
+from agents.prefix_sharing import last_token_features
 
 
 class TransformerPolicy(ActorCriticPolicy):
@@ -150,7 +150,7 @@ class TransformerPolicy(ActorCriticPolicy):
         """Values, log-probs and entropy of ``actions`` for a minibatch, as SB3's PPO/A2C expect.
 
         With ``share_prefix_forward`` each group of observations that are prefixes of one another
-        costs one transformer forward (:func:`agents.prefix_sharing.covering_rows`); results equal
+        costs one transformer forward (:func:`agents.prefix_sharing.last_token_features`); results equal
         the per-observation computation up to float rounding.
 
         :param obs: ``{"input_ids": (B, L), "attention_mask": (B, L)}`` tensors.
@@ -159,11 +159,7 @@ class TransformerPolicy(ActorCriticPolicy):
         """
         if not self.share_prefix_forward:
             return super().evaluate_actions(obs, actions)
-        ids, mask = obs["input_ids"].long(), obs["attention_mask"].long()
-        reps = covering_rows(ids, mask)
-        groups, group_of_row = th.unique(reps, return_inverse=True)
-        hidden, offset = self.features_extractor.hidden_states(ids[groups], mask[groups])
-        features = hidden[group_of_row, last_token_index(mask) - offset]
+        features = last_token_features(self.lm, obs["input_ids"], obs["attention_mask"])
         latent_pi, latent_vf = self.mlp_extractor(features)
         distribution = self._get_action_dist_from_latent(latent_pi)
         return self.value_net(latent_vf), distribution.log_prob(actions), distribution.entropy()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch as th
 
+from agents.extractor import last_token_index, lm_hidden_states
+
 
 def covering_rows(input_ids: th.Tensor, attention_mask: th.Tensor, chunk: int = 256) -> th.Tensor:
     """For each row, the longest row of the batch whose real tokens extend it.
@@ -36,3 +38,17 @@ def covering_rows(input_ids: th.Tensor, attention_mask: th.Tensor, chunk: int = 
         score = th.where(same_tokens & contains, length[None], -1)
         reps[lo:lo + chunk] = score.argmax(-1)
     return reps
+
+
+def last_token_features(lm, input_ids: th.Tensor, attention_mask: th.Tensor) -> th.Tensor:
+    """Each row's final hidden state at its last real token, one forward per covering row.
+
+    :param lm: a transformers causal LM (see :func:`agents.extractor.lm_hidden_states`).
+    :param input_ids: ``(B, L)`` integer token ids.
+    :param attention_mask: ``(B, L)`` 0/1, one contiguous block of ones per row.
+    :return: ``float32 (B, hidden_size)``, equal (up to float rounding) to running every row alone.
+    """
+    ids, mask = input_ids.long(), attention_mask.long()
+    groups, group_of_row = th.unique(covering_rows(ids, mask), return_inverse=True)
+    hidden, offset = lm_hidden_states(lm, ids[groups], mask[groups])
+    return hidden[group_of_row, last_token_index(mask) - offset]

@@ -9,6 +9,7 @@ from stable_baselines3.common.buffers import DictRolloutBuffer
 from stable_baselines3.common.env_util import make_vec_env
 
 from agents import EpisodeRolloutBuffer, TransformerPolicy, text_ppo_kwargs
+from agents import prefix_sharing
 from agents.prefix_sharing import covering_rows
 
 
@@ -59,10 +60,10 @@ def test_grouped_values_log_probs_entropy_and_gradients_equal_per_transition(tin
 
 def test_grouped_forward_runs_one_sequence_per_episode(tiny_env_kwargs, monkeypatch):
     model = collect(tiny_env_kwargs)
-    extractor = model.policy.features_extractor
     rows_seen = []
-    original = extractor.hidden_states
-    monkeypatch.setattr(extractor, "hidden_states", lambda ids, mask: rows_seen.append(len(ids)) or original(ids, mask))
+    original = prefix_sharing.lm_hidden_states
+    monkeypatch.setattr(prefix_sharing, "lm_hidden_states",
+                        lambda lm, ids, mask: rows_seen.append(len(ids)) or original(lm, ids, mask))
     batch = next(model.rollout_buffer.get(batch_size=None))
     with torch.no_grad():
         model.policy.evaluate_actions(batch.observations, batch.actions.long().flatten())
