@@ -3,15 +3,20 @@
 - :class:`TransformerPolicy`: SB3 ``ActorCriticPolicy`` around a Hugging Face causal LM.
 - :class:`EpisodeRolloutBuffer`: minibatches of whole episodes, one transformer forward each.
 - :func:`text_ppo_kwargs`: PPO settings to start from for text.
+- :class:`KLPenaltyCallback`: per-token KL penalty to a frozen reference model (fixed or adaptive).
 """
 
 from agents.buffers import EpisodeRolloutBuffer
 from agents.defaults import TEXT_PPO_DEFAULTS, text_ppo_kwargs
 from agents.extractor import CausalLMExtractor, load_causal_lm
+from agents.kl import AdaptiveKLController, FixedKLController, KLPenaltyCallback
 from agents.policy import TransformerPolicy
 
 __all__ = [
     "TEXT_PPO_DEFAULTS",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "KLPenaltyCallback",
     "CausalLMExtractor",
     "EpisodeRolloutBuffer",
     "TransformerPolicy",

@@ -20,7 +20,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 
 import textgym  # noqa: F401  (registers TextGen-v0)
-from agents import TransformerPolicy, text_ppo_kwargs
+from agents import AdaptiveKLController, KLPenaltyCallback, TransformerPolicy, text_ppo_kwargs
 
 
 def evaluate(model: PPO, env, n_episodes: int) -> dict:
@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-5)
     parser.add_argument("--n-steps", type=int, default=32, help="steps per env per rollout")
     parser.add_argument("--eval-episodes", type=int, default=128)
+    parser.add_argument("--kl-coef", type=float, default=0.05, help="initial KL coefficient beta; 0 disables the penalty")
+    parser.add_argument("--kl-target", type=float, default=4.0, help="target KL per episode (nats) of the adaptive controller")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (on 2 cores, 2 gave 1.5x the update throughput of 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tensorboard-log", default="runs/")
@@ -79,9 +81,14 @@ def main() -> None:
                             env_kwargs=dict(env_kwargs, prompts="movie_reviews:test"))
 
     before = evaluate(model, held_out_env(), args.eval_episodes)
-    model.learn(total_timesteps=args.timesteps, progress_bar=True, tb_log_name="sentiment")
+    # Ziegler et al. (2019): penalise each token's log-ratio to the frozen starting model.
+    kl = KLPenaltyCallback(AdaptiveKLController(args.kl_coef, target=args.kl_target)) if args.kl_coef > 0 else None
+    model.learn(total_timesteps=args.timesteps, progress_bar=True, tb_log_name="sentiment", callback=kl)
     after = evaluate(model, held_out_env(), args.eval_episodes)
     print_table(before, after)
+    if kl is not None:
+        print(f"\nlast rollout: KL to the reference {kl.stats.get('kl/episode_kl', float('nan')):.2f} nats per episode, "
+              f"beta {kl.stats['kl/coef']:.4f}, score {kl.stats.get('kl/score', float('nan')):+.3f}")
     print(f"\nwall time {time.perf_counter() - start:.0f} s for {args.timesteps} training steps "
           f"({args.timesteps // args.max_new_tokens} or more episodes), torch threads {args.threads}")
     if args.save:

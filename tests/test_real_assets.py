@@ -13,7 +13,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 
 import textgym
-from agents import TransformerPolicy, load_causal_lm, text_ppo_kwargs
+from agents import KLPenaltyCallback, TransformerPolicy, load_causal_lm, text_ppo_kwargs
 from textgym import assets
 from textgym.rewards import load_sentiment_head
 
@@ -36,7 +36,9 @@ def test_one_ppo_iteration_on_the_defaults():
     env = make_vec_env("TextGen-v0", n_envs=2, seed=0, env_kwargs=dict(max_new_tokens=4))
     model = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=4, batch_size=8, n_epochs=1))
     assert model.policy.action_space.n == 49_152
-    model.learn(total_timesteps=8)
+    kl = KLPenaltyCallback(0.05)
+    model.learn(total_timesteps=8, callback=kl)
+    assert kl.stats["kl/coef"] == 0.05
     assert model.logger.name_to_value["train/n_updates"] == 1
     assert np.isfinite(model.logger.name_to_value["train/approx_kl"])
     actions, _ = model.predict(env.reset())

@@ -1,0 +1,172 @@
+"""Per-token KL penalty to a frozen reference model (Ziegler et al. 2019; Stiennon et al. 2020).
+
+The reward of step ``t`` becomes ``r_t - beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t))``: the
+reward model's score still arrives on the last token, and every token pays for moving away from the
+reference model. ``log pi`` is the behaviour log-prob SB3 already stored during the rollout; the
+reference log-probs take one reference forward per episode. The penalty is applied by
+:class:`KLPenaltyCallback` after the rollout and before PPO's update, by rewriting the rollout
+buffer's rewards and recomputing GAE with SB3's own ``compute_returns_and_advantage``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch as th
+from stable_baselines3.common.callbacks import BaseCallback
+
+from agents.extractor import load_causal_lm
+from agents.prefix_sharing import last_token_features
+
+
+class FixedKLController:
+    """A constant KL coefficient.
+
+    :param kl_coef: ``beta`` (reward units per nat), >= 0.
+    :raises ValueError: negative ``kl_coef``.
+    """
+
+    def __init__(self, kl_coef: float = 0.05):
+        if kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+        self.value = float(kl_coef)
+
+    def update(self, kl: float, n_steps: int) -> None:
+        """No-op (kept for the controller interface)."""
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019 (Sec. 2.2): steer ``beta`` so that the KL per episode approaches a target.
+
+    ``e = clip(KL / target - 1, -0.2, 0.2)`` and ``beta <- beta * (1 + e * n_steps / horizon)``,
+    where ``KL`` is the mean KL (nats) per episode of the last rollout and ``n_steps`` the number of
+    transitions it held (as in TRL's ``AdaptiveKLController``).
+
+    :param init_kl_coef: starting ``beta``, > 0.
+    :param target: target KL per episode, nats, > 0.
+    :param horizon: transitions over which ``beta`` may change by about a factor ``e^0.2``, > 0.
+    :raises ValueError: a non-positive argument.
+    """
+
+    def __init__(self, init_kl_coef: float = 0.05, target: float = 2.0, horizon: int = 10_000):
+        for name, value in (("init_kl_coef", init_kl_coef), ("target", target), ("horizon", horizon)):
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = horizon
+
+    def update(self, kl: float, n_steps: int) -> None:
+        """Move ``beta`` toward the target after a rollout with mean episode KL ``kl`` (nats)."""
+        error = float(np.clip(kl / self.target - 1.0, -0.2, 0.2))
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+
+def reference_log_probs(reference, input_ids: th.Tensor, attention_mask: th.Tensor, actions: th.Tensor) -> th.Tensor:
+    """``log pi_ref(a|s)`` for a batch of token-window observations, one forward per episode.
+
+    :param reference: a transformers causal LM.
+    :param input_ids: ``(B, L)`` integer observations (:class:`textgym.spaces.TokenWindowSpace`).
+    :param attention_mask: ``(B, L)`` 0/1.
+    :param actions: ``(B,)`` token ids.
+    :return: ``float32 (B,)`` log-probabilities (natural log).
+    """
+    with th.no_grad():
+        features = last_token_features(reference, input_ids, attention_mask)
+        log_probs = th.log_softmax(reference.get_output_embeddings()(features).float(), dim=-1)
+    return log_probs.gather(-1, actions.long().view(-1, 1)).squeeze(-1)
+
+
+def complete_episode_sums(values: np.ndarray, episode_starts: np.ndarray, last_dones: np.ndarray) -> np.ndarray:
+    """Sum ``values`` over each episode that lies wholly inside one rollout.
+
+    :param values: ``(n_steps, n_envs)`` per-step quantities (e.g. per-token KL).
+    :param episode_starts: ``(n_steps, n_envs)`` 1.0 where a step starts an episode (SB3's buffer field).
+    :param last_dones: ``(n_envs,)`` whether the last stored step ended its episode.
+    :return: ``float64 (n_episodes,)``, one sum per complete episode, env by env.
+    """
+    ends = np.zeros(values.shape, dtype=bool)
+    ends[:-1] = episode_starts[1:] > 0
+    ends[-1] = np.asarray(last_dones, dtype=bool)
+    sums = []
+    for env in range(values.shape[1]):
+        start = None
+        for t in range(values.shape[0]):
+            if episode_starts[t, env] > 0:
+                start = t
+            if ends[t, env] and start is not None:
+                sums.append(float(values[start:t + 1, env].sum()))
+                start = None
+    return np.asarray(sums, dtype=np.float64)
+
+
+class KLPenaltyCallback(BaseCallback):
+    """Add the per-token KL penalty to each rollout before PPO's update (SB3 callback).
+
+    Use with :class:`agents.TransformerPolicy`: ``model.learn(..., callback=KLPenaltyCallback(0.05))``.
+    The reference model is loaded fresh from ``reference_model`` (default: the policy's
+    ``model_name_or_path``), frozen and kept in eval mode, so it is the pretrained starting point
+    however often ``learn`` is called. After each rollout it logs:
+
+    - ``kl/episode_kl``: mean over complete episodes of ``sum_t (log pi - log pi_ref)``, nats;
+    - ``kl/coef``: ``beta`` used for this rollout;
+    - ``kl/score``: mean reward-model score of complete episodes (the env's reward, before penalty);
+    - ``kl/penalised_return``: mean of ``score - beta * episode KL`` over complete episodes.
+
+    The controller is updated with ``kl/episode_kl`` after the penalty is applied. The last
+    rollout's figures stay in ``self.stats`` (``dict[str, float]``, the same keys).
+
+    :param kl_coef: a float (fixed ``beta``), or a controller with ``.value`` and
+        ``.update(kl, n_steps)`` (:class:`FixedKLController`, :class:`AdaptiveKLController`).
+    :param reference_model: hub id or path of the reference LM; ``None``: the policy's model.
+    :param verbose: SB3 verbosity.
+    :raises TypeError: (at training start) the policy has no ``model_name_or_path`` and no
+        ``reference_model`` was given.
+    """
+
+    def __init__(self, kl_coef: Any = 0.05, reference_model: str | None = None, verbose: int = 0):
+        super().__init__(verbose)
+        self.controller = FixedKLController(kl_coef) if isinstance(kl_coef, (int, float)) else kl_coef
+        self.reference_model = reference_model
+        self.reference = None
+        self.stats: dict[str, float] = {}
+
+    def _init_callback(self) -> None:
+        if self.reference is not None:
+            return
+        name = self.reference_model or getattr(self.model.policy, "model_name_or_path", None)
+        if name is None:
+            raise TypeError("KLPenaltyCallback needs reference_model=... or a TransformerPolicy")
+        kwargs = getattr(self.model.policy, "from_pretrained_kwargs", {})
+        self.reference = load_causal_lm(name, **kwargs).requires_grad_(False).to(self.model.device)
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        buffer = self.model.rollout_buffer
+        n_steps, n_envs = buffer.rewards.shape
+        obs = {key: th.as_tensor(value.reshape(n_steps * n_envs, -1), device=self.model.device)
+               for key, value in buffer.observations.items()}
+        actions = th.as_tensor(buffer.actions.reshape(-1), device=self.model.device)
+        ref = reference_log_probs(self.reference, obs["input_ids"], obs["attention_mask"], actions)
+        kl = buffer.log_probs - ref.cpu().numpy().reshape(n_steps, n_envs)
+        beta = self.controller.value
+        scores = buffer.rewards.copy()
+        buffer.rewards -= (beta * kl).astype(np.float32)
+        buffer.compute_returns_and_advantage(last_values=self.locals["values"], dones=self.locals["dones"])
+
+        dones = self.locals["dones"]
+        episode_kl = complete_episode_sums(kl, buffer.episode_starts, dones)
+        episode_score = complete_episode_sums(scores, buffer.episode_starts, dones)
+        self.stats = {"kl/coef": beta}
+        if len(episode_kl):
+            self.stats.update({
+                "kl/episode_kl": float(episode_kl.mean()),
+                "kl/score": float(episode_score.mean()),
+                "kl/penalised_return": float((episode_score - beta * episode_kl).mean()),
+            })
+            self.controller.update(self.stats["kl/episode_kl"], n_steps * n_envs)
+        for key, value in self.stats.items():
+            self.logger.record(key, value)

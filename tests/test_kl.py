@@ -1,0 +1,107 @@
+"""KL penalty to a reference model: exact per-token arithmetic, GAE on penalised rewards, controllers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.env_util import make_vec_env
+from transformers import AutoModelForCausalLM
+
+from agents import TransformerPolicy, text_ppo_kwargs
+from agents.kl import AdaptiveKLController, FixedKLController, KLPenaltyCallback, complete_episode_sums
+from textgym.tiny import save_tiny_lm
+
+SCORE = 0.3
+BETA = 0.5
+
+
+def constant_reward(prompts, completions):
+    return [SCORE] * len(completions)
+
+
+def train_one_rollout(env_kwargs, callback, n_envs=2, n_steps=12):
+    env = make_vec_env("TextGen-v0", n_envs=n_envs, seed=0, env_kwargs=env_kwargs)
+    model = PPO(TransformerPolicy, env, seed=0,
+                **text_ppo_kwargs(n_steps=n_steps, batch_size=8, gae_lambda=1.0, learning_rate=1e-3))
+    model.learn(n_steps * n_envs, callback=callback)
+    return model
+
+
+def test_penalty_matches_a_direct_computation_and_gae_uses_it(tiny_env_kwargs, tmp_path):
+    reference_path = save_tiny_lm(tmp_path / "reference", seed=1)  # a different model: KL is far from 0
+    env_kwargs = {**tiny_env_kwargs, "reward_model": constant_reward}
+    callback = KLPenaltyCallback(BETA, reference_model=str(reference_path))
+    model = train_one_rollout(env_kwargs, callback)
+    buffer = model.rollout_buffer  # as PPO saw it: get() flattened all but rewards and episode_starts
+    n_steps, n_envs = 12, 2
+    unflatten = lambda a: a.reshape(n_envs, n_steps).T  # noqa: E731  (env-major -> (n_steps, n_envs))
+    rewards, starts = buffer.rewards, buffer.episode_starts
+    returns, log_probs = unflatten(buffer.returns.reshape(-1)), unflatten(buffer.log_probs.reshape(-1))
+    ids = buffer.observations["input_ids"].reshape(n_envs, n_steps, -1).transpose(1, 0, 2)
+    mask = buffer.observations["attention_mask"].reshape(n_envs, n_steps, -1).transpose(1, 0, 2)
+    actions = unflatten(buffer.actions.reshape(-1)).astype(int)
+    reference = AutoModelForCausalLM.from_pretrained(reference_path).eval()
+    checked = 0
+    for env in range(n_envs):
+        for t in range(n_steps - 1):
+            tokens = ids[t, env][mask[t, env] == 1]
+            with torch.no_grad():  # the reference alone on the unpadded text: the direct computation
+                ref = torch.log_softmax(reference(torch.as_tensor(tokens)[None]).logits[0, -1], -1)[actions[t, env]]
+            score = SCORE if starts[t + 1, env] else 0.0
+            expected = score - BETA * (log_probs[t, env] - ref.item())
+            assert rewards[t, env] == pytest.approx(expected, abs=1e-5)
+            checked += 1
+        # gamma = lambda = 1: the return of a step is the sum of the episode's remaining rewards.
+        for t in range(n_steps - 1):
+            if starts[t, env]:
+                end = t + int(np.argmax(starts[t + 1:, env])) if starts[t + 1:, env].any() else None
+                if end is not None:
+                    np.testing.assert_allclose(returns[t, env], rewards[t:end + 1, env].sum(), rtol=0, atol=1e-5)
+    assert checked == 22
+    assert callback.stats["kl/coef"] == BETA
+    assert abs(callback.stats["kl/episode_kl"]) > 1e-2  # the same model gives < 1e-4 (next test)
+
+
+def test_reference_equal_to_the_policy_gives_zero_kl(tiny_env_kwargs):
+    callback = KLPenaltyCallback(BETA)
+    train_one_rollout(tiny_env_kwargs, callback)
+    logged = callback.stats
+    assert abs(logged["kl/episode_kl"]) < 1e-4
+    assert logged["kl/penalised_return"] == pytest.approx(logged["kl/score"], abs=1e-4)
+
+
+def test_adaptive_controller_follows_ziegler_et_al():
+    controller = AdaptiveKLController(init_kl_coef=0.1, target=2.0, horizon=1000)
+    controller.update(kl=3.0, n_steps=100)  # error clipped to +0.2
+    assert controller.value == pytest.approx(0.1 * (1 + 0.2 * 0.1), rel=1e-12)
+    controller.update(kl=2.2, n_steps=100)  # error +0.1
+    assert controller.value == pytest.approx(0.1 * 1.02 * 1.01, rel=1e-12)
+    controller.update(kl=0.0, n_steps=500)  # error clipped to -0.2
+    assert controller.value == pytest.approx(0.1 * 1.02 * 1.01 * 0.9, rel=1e-12)
+    fixed = FixedKLController(0.2)
+    fixed.update(kl=100.0, n_steps=100)
+    assert fixed.value == 0.2
+    with pytest.raises(ValueError, match="target"):
+        AdaptiveKLController(target=0)
+    with pytest.raises(ValueError, match="kl_coef"):
+        FixedKLController(-1)
+
+
+def test_adaptive_coefficient_changes_during_training(tiny_env_kwargs):
+    controller = AdaptiveKLController(init_kl_coef=0.1, target=1e6, horizon=48)
+    callback = KLPenaltyCallback(controller)
+    train_one_rollout(tiny_env_kwargs, callback, n_steps=12)
+    # One rollout of 24 transitions with KL far below the target: the clipped error is -0.2.
+    assert callback.stats["kl/coef"] == 0.1
+    assert controller.value == pytest.approx(0.1 * (1 - 0.2 * 24 / 48), rel=1e-12)
+
+
+def test_complete_episode_sums():
+    values = np.array([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [4.0, 40.0]])
+    starts = np.array([[0, 1], [1, 0], [0, 1], [1, 0]], dtype=np.float32)
+    # env 0: [2, 3] is complete (next start at t=3); [4] ends with last_dones -> complete. t=0 is a tail.
+    # env 1: [10, 20] complete; [30, 40] not finished (last_dones False).
+    sums = complete_episode_sums(values, starts, last_dones=np.array([True, False]))
+    np.testing.assert_array_equal(sums, [5.0, 4.0, 30.0])
