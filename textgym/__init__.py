@@ -1,6 +1,7 @@
 """textgym: text generation as a Gymnasium environment, trained with upstream Stable-Baselines3.
 
-``import textgym`` registers ``TextGen-v0`` (:class:`textgym.env.TextGenEnv`) with Gymnasium.
+``import textgym`` registers ``TextGen-v0`` (:class:`textgym.env.TextGenEnv`) and the synthetic
+sanity tasks of :mod:`textgym.synthetic` (``TextGen-Keyword-v0``, ...) with Gymnasium.
 """
 
 from gymnasium.envs.registration import register
@@ -13,9 +14,14 @@ from textgym.spaces import TokenWindowSpace
 
 register(id="TextGen-v0", entry_point="textgym.env:TextGenEnv")
 
+from textgym.synthetic import TASKS, register_synthetic_tasks  # noqa: E402
+
+register_synthetic_tasks()  # TextGen-Keyword-v0, -Copy-v0, -Reverse-v0, -Increasing-v0
+
 __all__ = [
     "DEFAULT_MODEL",
     "AssetError",
+    "TASKS",
     "SentimentRewardModel",
     "SequenceClassifierReward",
     "TextGenEnv",
