@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import gymnasium as gym
 import numpy as np
 import torch
 from stable_baselines3 import PPO

@@ -6,7 +6,6 @@ import functools
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
 from gymnasium import spaces
 
 from textgym import assets
