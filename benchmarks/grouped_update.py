@@ -21,15 +21,14 @@ from stable_baselines3.common.env_util import make_vec_env
 
 import textgym
 from agents import TransformerPolicy, text_ppo_kwargs
+from textgym.synthetic import KeywordReward
 from textgym.tiny import save_tiny_lm
 
 
 def env_kwargs_for(model: str, tmp: str, max_new_tokens: int) -> dict:
     if model == "tiny":
-        def reward(prompts, completions):
-            return [c.split().count("good") / 4 for c in completions]
         return dict(model_name_or_path=str(save_tiny_lm(tmp, n_positions=128)), prompts=["the movie was", "a film is"],
-                    reward_model=reward, max_prompt_tokens=8, max_new_tokens=max_new_tokens, eos_token_id=None)
+                    reward_model=KeywordReward(slots=max_new_tokens), max_prompt_tokens=8, max_new_tokens=max_new_tokens, eos_token_id=None)
     return dict(max_new_tokens=max_new_tokens, eos_token_id=None)  # full-length episodes: T exactly
 
 

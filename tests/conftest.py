@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import textgym  # noqa: F401  (registers TextGen-v0)
+from textgym.synthetic import KeywordReward
 from textgym.tiny import save_tiny_lm
 
 torch.set_num_threads(2)
@@ -16,9 +17,8 @@ KEYWORD = "good"
 MAX_NEW_TOKENS = 4
 
 
-def keyword_reward(prompts: list[str], completions: list[str]) -> list[float]:
-    """Occurrences of KEYWORD in the completion, over MAX_NEW_TOKENS: 1.0 is the optimum, stopping early costs."""
-    return [c.split().count(KEYWORD) / MAX_NEW_TOKENS for c in completions]
+keyword_reward = KeywordReward(slots=MAX_NEW_TOKENS, keyword=KEYWORD)
+"""Occurrences of KEYWORD in the completion over MAX_NEW_TOKENS: 1.0 is the optimum, stopping early costs."""
 
 
 @pytest.fixture(scope="session")
