@@ -155,9 +155,9 @@ class KLPenaltyCallback(BaseCallback):
         beta = self.controller.value
         scores = buffer.rewards.copy()
         buffer.rewards -= (beta * kl).astype(np.float32)
-        buffer.compute_returns_and_advantage(last_values=self.locals["values"], dones=self.locals["dones"])
+        dones = self.locals["dones"]  # collect_rollouts' last dones and values, as it passed them to GAE
+        buffer.compute_returns_and_advantage(last_values=self.locals["values"], dones=dones)
 
-        dones = self.locals["dones"]
         episode_kl = complete_episode_sums(kl, buffer.episode_starts, dones)
         episode_score = complete_episode_sums(scores, buffer.episode_starts, dones)
         self.stats = {"kl/coef": beta}
