@@ -10,6 +10,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 
 from agents.extractor import CausalLMExtractor
+from agents.kv_cache import RolloutKVCache
 from agents.prefix_sharing import last_token_features
 
 
@@ -47,6 +48,12 @@ class TransformerPolicy(ActorCriticPolicy):
     :param share_prefix_forward: in :meth:`evaluate_actions`, run one forward per group of
         observations that are prefixes of one another (one per episode) instead of one per
         observation; exact, see :mod:`agents.prefix_sharing`.
+    :param kv_cache: during rollouts (``forward`` without grad, eval mode: SB3's
+        ``collect_rollouts``), decode incrementally with a per-env KV cache
+        (:class:`agents.kv_cache.RolloutKVCache`): one new token per env and step instead of the
+        whole window, exact up to float rounding. ``predict``, ``predict_values`` and
+        ``evaluate_actions`` never use it; it is dropped at every ``set_training_mode`` call (so
+        at the start of every rollout and update) and whenever a weight changed.
     :param kwargs: other ``ActorCriticPolicy`` arguments (``optimizer_class``, ``optimizer_kwargs``,
         ``net_arch=dict(pi=[], vf=[...])`` for a deeper value head).
     :raises ValueError: the spaces are not token spaces, no model is named, the LM's vocabulary
@@ -63,6 +70,7 @@ class TransformerPolicy(ActorCriticPolicy):
         from_pretrained_kwargs: dict[str, Any] | None = None,
         value_learning_rate: float | None = None,
         share_prefix_forward: bool = True,
+        kv_cache: bool = True,
         net_arch: list[int] | dict[str, list[int]] | None = None,
         ortho_init: bool = False,
         **kwargs: Any,
@@ -81,6 +89,7 @@ class TransformerPolicy(ActorCriticPolicy):
         self.model_name_or_path = model_name_or_path
         self.from_pretrained_kwargs = from_pretrained_kwargs or {}
         self.share_prefix_forward = share_prefix_forward
+        self.kv_cache = kv_cache
         self.value_learning_rate = value_learning_rate
         super().__init__(
             observation_space,
@@ -102,6 +111,7 @@ class TransformerPolicy(ActorCriticPolicy):
 
     def _build(self, lr_schedule: Schedule) -> None:
         self._check_model()
+        self.rollout_cache = RolloutKVCache(self.lm)
         self._build_mlp_extractor()
         self.action_net = self.lm.get_output_embeddings()
         self.value_net = th.nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
@@ -141,6 +151,25 @@ class TransformerPolicy(ActorCriticPolicy):
         """SB3's train/eval switch; the LM stays in eval mode either way (dropout off, see class doc)."""
         super().set_training_mode(mode)
         self.lm.eval()
+        self.rollout_cache.clear()
+
+    def forward(self, obs: PyTorchObs, deterministic: bool = False) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """Sample actions with their values and log-probs, as SB3's ``collect_rollouts`` calls it.
+
+        Without grad and in eval mode (a rollout) with ``kv_cache``, features come from the
+        rollout KV cache; otherwise from a full forward (SB3's ``ActorCriticPolicy.forward``).
+
+        :param obs: ``{"input_ids": (B, L), "attention_mask": (B, L)}`` tensors.
+        :param deterministic: take the most likely token instead of sampling.
+        :return: ``actions`` int64 ``(B,)``, ``values`` float32 ``(B, 1)``, ``log_prob`` float32 ``(B,)``.
+        """
+        if not (self.kv_cache and not self.training and not th.is_grad_enabled()):
+            return super().forward(obs, deterministic)
+        features = self.rollout_cache.features(obs["input_ids"], obs["attention_mask"])
+        latent_pi, latent_vf = self.mlp_extractor(features)
+        distribution = self._get_action_dist_from_latent(latent_pi)
+        actions = distribution.get_actions(deterministic=deterministic)
+        return actions.reshape((-1, *self.action_space.shape)), self.value_net(latent_vf), distribution.log_prob(actions)
 
     def extract_features(self, obs: PyTorchObs, features_extractor=None) -> th.Tensor:
         """Features from integer observations, skipping SB3's float cast (``preprocess_obs``)."""
@@ -171,6 +200,7 @@ class TransformerPolicy(ActorCriticPolicy):
         data.update(model_name_or_path=self.model_name_or_path,
                     from_pretrained_kwargs=self.from_pretrained_kwargs,
                     share_prefix_forward=self.share_prefix_forward,
+                    kv_cache=self.kv_cache,
                     value_learning_rate=self.value_learning_rate)
         return data
 

@@ -68,3 +68,14 @@ def test_sentiment_reward_model_ranks_and_matches_its_recorded_accuracy():
     accuracy = float(np.mean(predictions == np.array([s.rating > 0 for s in test])))
     assert accuracy == pytest.approx(head["test_accuracy"], abs=2e-3)
     assert accuracy > head["vader_test_accuracy"] + 0.05
+
+
+def test_kv_cached_rollout_stores_the_uncached_log_probs_on_smollm2():
+    from tests.test_kv_cache import RolloutCheck
+
+    env = make_vec_env("TextGen-v0", n_envs=3, seed=0, env_kwargs=dict(max_new_tokens=4))
+    model = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=6, batch_size=18, n_epochs=1))
+    check = RolloutCheck(weights=lambda policy: policy.lm.model.layers[0].self_attn.q_proj.weight)
+    model.learn(2 * 6 * 3, callback=check)  # two rollouts, an update between, episodes of 4 across them
+    assert len(check.max_errors) == 2 and max(check.max_errors) < 1e-4
+    assert not torch.equal(check.weights[0], check.weights[1])

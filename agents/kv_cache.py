@@ -1,0 +1,202 @@
+"""KV-cached incremental decoding for rollouts, behind SB3's one-call-per-env-step interface.
+
+SB3's ``PPO.collect_rollouts`` calls the policy once per env step with the full observation of
+every env. In a token-level text MDP the observation of step ``t + 1`` is that of step ``t`` plus
+the sampled token, so a causal LM need not re-encode it: keeping the attention keys and values
+of the previous steps (the KV cache of ``model.generate``) and feeding only the new token gives the
+same hidden state. :class:`RolloutKVCache` does this per env row and checks every row, every
+step, instead of trusting that the rows continue: a row whose observation is *not* its previous
+observation plus one token (a new episode after an auto-reset, a changed batch) is re-encoded
+alone, and the other rows still take one-token steps.
+
+Layout of the cache: per layer, keys and values ``(B, kv_heads, S, head_dim)``, plus a 0/1 mask
+``(B, S)``. Each row's cached tokens are right-aligned (left padding, as in batched ``generate``),
+so a one-token step appends one column for every row, and a re-encoded row is written into the
+rightmost columns of its row. Leading columns that are padding in every row are dropped, so ``S``
+never exceeds the longest row, at most the observation window ``L``: memory is bounded however long
+training runs. Position ids count real tokens only, the convention of
+:func:`agents.extractor.lm_hidden_states`, so cached and uncached features agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch as th
+
+from agents.extractor import last_token_index
+
+
+def weights_version(parameters: list[th.Tensor]) -> int:
+    """A number that changes whenever any of ``parameters`` is modified in place.
+
+    Sum of the parameters' autograd version counters (``Tensor._version``), which every in-place
+    operation bumps: optimizer steps, ``load_state_dict``, ``copy_``. (Writes through ``.data``
+    bypass the counter; nothing in SB3, torch optimizers or peft updates weights that way.)
+    """
+    return sum(p._version for p in parameters)
+
+
+def extends_by_one(prev_ids: th.Tensor, prev_mask: th.Tensor, ids: th.Tensor, mask: th.Tensor) -> th.Tensor:
+    """Which rows are their previous observation plus exactly one token appended after it.
+
+    :param prev_ids: ``(B, L)`` integer token ids of the previous observations.
+    :param prev_mask: ``(B, L)`` 0/1 masks of the previous observations (one contiguous block each).
+    :param ids: ``(B, L)`` integer token ids of the new observations.
+    :param mask: ``(B, L)`` 0/1 masks of the new observations.
+    :return: ``(B,)`` bool.
+    """
+    prev_real, real = prev_mask.bool(), mask.bool()
+    kept = ((ids == prev_ids) | ~prev_real).all(-1) & (real | ~prev_real).all(-1)
+    one_more = real.sum(-1) == prev_real.sum(-1) + 1
+    same_start = real.to(th.int8).argmax(-1) == prev_real.to(th.int8).argmax(-1)
+    return kept & one_more & same_start
+
+
+def right_align(ids: th.Tensor, mask: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+    """Move each row's block of real tokens to the right end of a window as wide as the longest block.
+
+    :param ids: ``(B, L)`` integer token ids.
+    :param mask: ``(B, L)`` 0/1, one contiguous block of ones per row, at least one per row.
+    :return: ``(ids, mask)``, int64 ``(B, W)`` with ``W`` the longest block; padding ids are 0.
+    """
+    length = mask.sum(-1)
+    width = int(length.max())
+    start = mask.to(th.int8).argmax(-1)
+    columns = th.arange(width, device=ids.device)
+    pad = (width - length)[:, None]
+    source = (start[:, None] + columns[None] - pad).clamp(0, ids.shape[-1] - 1)
+    valid = columns[None] >= pad
+    return th.where(valid, ids.gather(1, source), 0), valid.long()
+
+
+def _scatter_rows(pieces: list[tuple[th.Tensor, th.Tensor]], batch: int, width: int, dim: int) -> th.Tensor:
+    """Left-pad each ``(rows, tensor)`` piece with zeros to ``width`` along ``dim`` and place its rows."""
+    shape = list(pieces[0][1].shape)
+    shape[0], shape[dim] = batch, width
+    out = pieces[0][1].new_zeros(shape)
+    for rows, tensor in pieces:
+        index = [slice(None)] * len(shape)
+        index[dim] = slice(width - tensor.shape[dim], width)
+        out[(rows, *index[1:])] = tensor
+    return out
+
+
+class RolloutKVCache:
+    """Per-env KV cache of a causal LM's trunk, for no-grad rollout steps.
+
+    ``features(input_ids, attention_mask)`` returns what
+    :meth:`agents.extractor.CausalLMExtractor.forward` returns — the final hidden state at each
+    row's last real token, ``float32 (B, hidden_size)`` — but costs one token per continuing row
+    instead of the whole window. Exact up to float rounding: rows are verified against the
+    previous call (:func:`extends_by_one`), and the whole cache is dropped when the batch size
+    changes or any LM weight changed since the cache was built (:func:`weights_version`).
+
+    Works with transformers models whose ``base_model`` takes ``past_key_values`` as a
+    ``DynamicCache`` of full-attention layers (GPT-2, Llama, Mistral, Qwen2, ...; the same
+    mechanism as ``generate``).
+
+    :param lm: a transformers causal LM in eval mode; its trunk is ``lm.base_model``.
+    """
+
+    def __init__(self, lm: th.nn.Module):
+        self.lm = lm
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget everything; the next call re-encodes every row."""
+        self.layers: list[tuple[th.Tensor, th.Tensor]] | None = None
+        self.mask: th.Tensor | None = None
+        self._prev: tuple[th.Tensor, th.Tensor] | None = None
+        self._version: int | None = None
+        # Listed anew at every clear (each rollout start), so adapters added later are watched too.
+        self._parameters = list(self.lm.parameters())
+
+    @property
+    def width(self) -> int:
+        """Cached columns ``S`` (0 when empty); never more than the longest row's real tokens."""
+        return 0 if self.mask is None else self.mask.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached keys, values and mask."""
+        if self.layers is None:
+            return 0
+        return self.mask.nbytes + sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+    @th.no_grad()
+    def features(self, input_ids: th.Tensor, attention_mask: th.Tensor) -> th.Tensor:
+        """Hidden state at each row's last real token, reusing the cache where a row continues.
+
+        :param input_ids: ``(B, L)`` integer token ids (:class:`textgym.spaces.TokenWindowSpace`).
+        :param attention_mask: ``(B, L)`` 0/1, one contiguous non-empty block of ones per row.
+        :return: ``float32 (B, hidden_size)``.
+        :raises RuntimeError: the model's cache is not a list of full-attention key/value layers
+            (use ``policy_kwargs=dict(kv_cache=False)``).
+        """
+        ids, mask = input_ids.long(), attention_mask.long()
+        version = weights_version(self._parameters)
+        if self._prev is None or self._prev[0].shape != ids.shape or version != self._version:
+            self.clear()
+            continuing = th.zeros(ids.shape[0], dtype=th.bool, device=ids.device)
+        else:
+            continuing = extends_by_one(*self._prev, ids, mask)
+
+        parts, hidden = [], []
+        step_rows, encode_rows = continuing.nonzero().squeeze(-1), (~continuing).nonzero().squeeze(-1)
+        if len(step_rows):
+            last, *part = self._step(step_rows, ids, mask)
+            parts.append((step_rows, *part))
+            hidden.append(last)
+        if len(encode_rows):
+            last, *part = self._encode(encode_rows, ids, mask)
+            parts.append((encode_rows, *part))
+            hidden.append(last)
+        self._store(parts, ids.shape[0])
+        order = th.cat([rows for rows, _, _ in parts]).argsort()
+        hidden = th.cat(hidden)[order]
+        self._prev, self._version = (ids, mask), version
+        return hidden
+
+    def _step(self, rows: th.Tensor, ids: th.Tensor, mask: th.Tensor):
+        """One new token for rows that continue: attend to their cached keys and values."""
+        whole = len(rows) == ids.shape[0]
+        past = self.layers if whole else [(k[rows], v[rows]) for k, v in self.layers]
+        past_mask = self.mask if whole else self.mask[rows]
+        new_token = ids[rows].gather(1, last_token_index(mask[rows])[:, None])
+        step_mask = th.cat([past_mask, past_mask.new_ones(len(rows), 1)], dim=-1)
+        positions = past_mask.sum(-1, keepdim=True)  # real tokens before the new one
+        return self._run(new_token, step_mask, positions, past)
+
+    def _encode(self, rows: th.Tensor, ids: th.Tensor, mask: th.Tensor):
+        """Whole observations for rows without a usable cache (new episode, first call)."""
+        row_ids, row_mask = right_align(ids[rows], mask[rows])
+        positions = (row_mask.cumsum(-1) - 1).clamp(min=0)
+        return self._run(row_ids, row_mask, positions, None)
+
+    def _run(self, ids, mask, positions, past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=past) if past is not None else DynamicCache()
+        out = self.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                 past_key_values=cache, use_cache=True)
+        layers = getattr(out.past_key_values, "layers", None)
+        if not layers or any(getattr(layer, "keys", None) is None or layer.is_sliding for layer in layers):
+            raise RuntimeError(f"{type(self.lm).__name__} does not return a DynamicCache of full-attention "
+                               "layers; turn KV-cached rollouts off with policy_kwargs=dict(kv_cache=False)")
+        return out.last_hidden_state[:, -1], [(layer.keys, layer.values) for layer in layers], mask
+
+    def _store(self, parts, batch: int) -> None:
+        """Merge the rows' new caches into one right-aligned cache and drop all-padding columns."""
+        if len(parts) == 1:  # every row took the same path, so ``parts[0]`` holds rows 0..B-1 in order
+            _, self.layers, self.mask = parts[0]
+        else:
+            width = max(row_mask.shape[-1] for _, _, row_mask in parts)
+            self.mask = _scatter_rows([(rows, row_mask) for rows, _, row_mask in parts], batch, width, -1)
+            self.layers = [
+                tuple(_scatter_rows([(rows, layers[i][j]) for rows, layers, _ in parts], batch, width, -2)
+                      for j in (0, 1))
+                for i in range(len(parts[0][1]))
+            ]
+        keep = int(self.mask.sum(-1).max())
+        if keep < self.mask.shape[-1]:
+            self.mask = self.mask[:, -keep:]
+            self.layers = [(k[..., -keep:, :], v[..., -keep:, :]) for k, v in self.layers]

@@ -1,0 +1,185 @@
+"""KV-cached rollouts: exact against the uncached policy, invalidated on weight changes, bounded, contained."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.policies import ActorCriticPolicy
+
+from agents import TransformerPolicy, text_ppo_kwargs
+from agents import kv_cache as kv_cache_module
+from agents.kv_cache import RolloutKVCache, extends_by_one, right_align
+
+EOS = 2  # the tiny tokenizer's <eos>
+
+
+def test_extends_by_one_and_right_align():
+    prev_ids = torch.tensor([[0, 5, 6, 0], [0, 5, 6, 0], [0, 5, 6, 0], [0, 5, 6, 0], [0, 5, 6, 0]])
+    prev_mask = torch.tensor([[0, 1, 1, 0]] * 5)
+    ids = torch.tensor([[0, 5, 6, 7], [0, 5, 6, 0], [0, 5, 9, 7], [5, 6, 7, 0], [0, 5, 6, 8]])
+    mask = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 0], [0, 1, 1, 1], [1, 1, 1, 0], [0, 1, 1, 1]])
+    # appended / unchanged / prefix changed / shifted start / appended another token
+    assert extends_by_one(prev_ids, prev_mask, ids, mask).tolist() == [True, False, False, False, True]
+
+    aligned_ids, aligned_mask = right_align(torch.tensor([[0, 5, 6, 0], [7, 8, 9, 0], [0, 0, 0, 4]]),
+                                            torch.tensor([[0, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 1]]))
+    assert aligned_ids.tolist() == [[0, 5, 6], [7, 8, 9], [0, 0, 4]]
+    assert aligned_mask.tolist() == [[0, 1, 1], [1, 1, 1], [0, 0, 1]]
+
+
+def random_walk(env, steps: int, seed: int = 0, eos_probability: float = 0.25):
+    """Observations of ``env`` under random tokens, EOS often, so episodes end at different steps."""
+    rng = np.random.default_rng(seed)
+    obs = env.reset()
+    for _ in range(steps):
+        yield {k: torch.as_tensor(v) for k, v in obs.items()}
+        actions = rng.integers(3, env.action_space.n, size=env.num_envs)
+        actions[rng.random(env.num_envs) < eos_probability] = EOS
+        obs, *_ = env.step(actions)
+
+
+def make_ppo(env_kwargs, n_envs=3, **kwargs):
+    env = make_vec_env("TextGen-v0", n_envs=n_envs, seed=0, env_kwargs=env_kwargs)
+    return PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(**{"n_steps": 8, "batch_size": 8, **kwargs}))
+
+
+def test_cached_features_equal_a_full_forward_across_staggered_episodes(tiny_env_kwargs):
+    model = make_ppo({**tiny_env_kwargs, "max_new_tokens": 6}, n_envs=4)
+    policy, cache = model.policy, model.policy.rollout_cache
+    policy.set_training_mode(False)
+    mixed_steps = 0
+    previous = None
+    for obs in random_walk(model.env, steps=60):
+        with torch.no_grad():
+            torch.testing.assert_close(cache.features(obs["input_ids"], obs["attention_mask"]),
+                                       policy.extract_features(obs), rtol=0, atol=1e-5)
+        if previous is not None:
+            continuing = extends_by_one(previous["input_ids"], previous["attention_mask"],
+                                        obs["input_ids"], obs["attention_mask"])
+            mixed_steps += bool(continuing.any() and not continuing.all())
+        previous = obs
+    assert mixed_steps >= 10  # both paths (one-token steps and re-encoded rows) in one call, often
+
+
+class RolloutCheck(BaseCallback):
+    """After every rollout, recompute the stored values and log-probs without the cache.
+
+    :param weights: picks one weight tensor of the policy, recorded after each rollout.
+    """
+
+    def __init__(self, weights=lambda policy: policy.lm.transformer.h[0].attn.c_attn.weight):
+        super().__init__()
+        self.max_errors: list[float] = []
+        self.weights: list[torch.Tensor] = []
+        self.watched = weights
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        buffer, policy = self.model.rollout_buffer, self.model.policy
+        n = buffer.buffer_size * buffer.n_envs
+        obs = {k: torch.as_tensor(v.reshape(n, -1).astype(np.int64)) for k, v in buffer.observations.items()}
+        actions = torch.as_tensor(buffer.actions.reshape(n).astype(np.int64))
+        with torch.no_grad():
+            values, log_prob, _ = policy.evaluate_actions(obs, actions)
+        error = max((values.flatten() - torch.as_tensor(buffer.values.reshape(n))).abs().max().item(),
+                    (log_prob - torch.as_tensor(buffer.log_probs.reshape(n))).abs().max().item())
+        self.max_errors.append(error)
+        self.weights.append(self.watched(policy).detach().clone())
+
+
+def rollout_errors(env_kwargs) -> RolloutCheck:
+    model = make_ppo({**env_kwargs, "max_new_tokens": 5}, learning_rate=1e-3, n_steps=7)
+    check = RolloutCheck()
+    model.learn(4 * 7 * 3, callback=check)  # 4 rollouts, 3 updates in between; episodes cross rollouts
+    return check
+
+
+def test_rollouts_store_the_uncached_values_and_log_probs_over_several_updates(tiny_env_kwargs):
+    check = rollout_errors(tiny_env_kwargs)
+    assert len(check.max_errors) == 4
+    assert max(check.max_errors) < 1e-5
+    assert not torch.equal(check.weights[0], check.weights[-1])  # the updates did change the weights
+
+
+@pytest.mark.parametrize("sabotage", ["stale_after_update", "position_off_by_one"])
+def test_the_exactness_check_catches_a_broken_cache(tiny_env_kwargs, monkeypatch, sabotage):
+    if sabotage == "stale_after_update":
+        # Neither invalidation: no weight-version check, no drop when PPO switches to training.
+        monkeypatch.setattr(kv_cache_module, "weights_version", lambda parameters: 0)
+        monkeypatch.setattr(TransformerPolicy, "set_training_mode", ActorCriticPolicy.set_training_mode)
+    else:
+        real_step = RolloutKVCache._step
+
+        def shifted(self, rows, ids, mask):
+            self.mask = torch.cat([self.mask[:, :1], self.mask], dim=-1)  # one phantom real token
+            self.layers = [(torch.cat([k[..., :1, :], k], -2), torch.cat([v[..., :1, :], v], -2)) for k, v in self.layers]
+            return real_step(self, rows, ids, mask)
+
+        monkeypatch.setattr(RolloutKVCache, "_step", shifted)
+    assert max(rollout_errors(tiny_env_kwargs).max_errors) > 1e-4
+
+
+def test_cache_serves_only_rollout_forwards(tiny_env_kwargs):
+    model = make_ppo(tiny_env_kwargs, n_envs=2)
+    policy = model.policy
+    policy.set_training_mode(False)
+    walk = random_walk(model.env, steps=3, eos_probability=0.0)
+    first, second = next(walk), next(walk)
+    with torch.no_grad():
+        policy(first)
+        expected_values = policy.predict_values(second)
+        expected_log_prob = policy.evaluate_actions(second, torch.tensor([3, 4]))[1]
+    cache = policy.rollout_cache
+    cache.layers = [(torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))) for k, v in cache.layers]
+    with torch.no_grad():
+        torch.testing.assert_close(policy.predict_values(second), expected_values, rtol=0, atol=0)
+        torch.testing.assert_close(policy.evaluate_actions(second, torch.tensor([3, 4]))[1], expected_log_prob,
+                                   rtol=0, atol=0)
+    assert torch.isfinite(policy(second)[2]).all()  # with grad enabled: a full forward
+    with torch.no_grad(), pytest.raises(ValueError, match="invalid values"):
+        policy(second)  # the poisoned cache is really what a rollout step reads: NaN logits
+    actions, _ = policy.predict({k: v.numpy() for k, v in next(walk).items()})  # SB3's predict: no cache
+    assert ((0 <= actions) & (actions < model.action_space.n)).all() and cache.layers is None
+
+
+def test_cache_is_dropped_on_mode_switch_and_weight_change(tiny_env_kwargs, monkeypatch):
+    model = make_ppo(tiny_env_kwargs, n_envs=2)
+    policy, cache = model.policy, model.policy.rollout_cache
+    policy.set_training_mode(False)
+    encoded = []
+    real_encode = RolloutKVCache._encode
+    monkeypatch.setattr(RolloutKVCache, "_encode", lambda self, rows, *a: encoded.append(len(rows)) or real_encode(self, rows, *a))
+    walk = random_walk(model.env, steps=4, eos_probability=0.0)
+    with torch.no_grad():
+        policy(next(walk))
+        policy(next(walk))
+        assert encoded == [2]  # the second step continued both rows
+        with torch.no_grad():
+            policy.lm.transformer.wte.weight[5] += 1.0  # an in-place weight change, as an optimizer step
+        policy(next(walk))
+        assert encoded == [2, 2]
+    policy.set_training_mode(False)
+    assert cache.width == 0 and cache.layers is None
+
+
+def test_cache_memory_stays_bounded(tiny_env_kwargs):
+    model = make_ppo({**tiny_env_kwargs, "max_new_tokens": 4}, n_envs=4)
+    policy, cache = model.policy, model.policy.rollout_cache
+    policy.set_training_mode(False)
+    window = model.observation_space["input_ids"].shape[-1]
+    widths, sizes = [], []
+    with torch.no_grad():
+        for obs in random_walk(model.env, steps=300, eos_probability=0.1):
+            policy(obs)
+            widths.append(cache.width)
+            sizes.append(cache.nbytes)
+    config = policy.lm.config
+    bound = 4 * window * (8 + config.n_layer * 2 * config.n_embd * 4)  # mask int64 + fp32 keys and values
+    assert max(widths) <= window and max(sizes) <= bound
+    assert max(widths[150:]) <= max(widths[:150])  # no growth over a long run
