@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gymnasium as gym
 import numpy as np
 import torch
 from stable_baselines3 import PPO
@@ -9,6 +10,8 @@ from stable_baselines3.common.buffers import DictRolloutBuffer
 from stable_baselines3.common.env_util import make_vec_env
 
 from agents import EpisodeRolloutBuffer, TransformerPolicy, text_ppo_kwargs
+from agents.buffers import storage_dtype
+from textgym import TokenWindowSpace
 from agents import prefix_sharing
 from agents.prefix_sharing import covering_rows
 
@@ -97,9 +100,32 @@ def test_buffer_yields_every_transition_once_in_whole_episode_segments(tiny_env_
 def test_gae_and_storage_match_sb3_dict_buffer(tiny_env_kwargs):
     ours = collect(tiny_env_kwargs).rollout_buffer
     theirs = collect(tiny_env_kwargs, buffer_class=DictRolloutBuffer).rollout_buffer
-    for name in ("rewards", "values", "log_probs", "advantages", "returns", "episode_starts"):
+    for name in ("rewards", "values", "log_probs", "advantages", "returns", "episode_starts", "actions"):
         np.testing.assert_array_equal(getattr(ours, name).reshape(-1), getattr(theirs, name).reshape(-1))
-    assert ours.observations["input_ids"].dtype == np.int64
+    for key in ("input_ids", "attention_mask"):
+        np.testing.assert_array_equal(ours.observations[key], theirs.observations[key])
+
+
+def test_storage_is_compact_and_samples_come_back_in_the_space_dtypes(tiny_env_kwargs):
+    buffer = collect(tiny_env_kwargs).rollout_buffer  # vocabulary of 19 tokens, window 5 + 4
+    assert buffer.observations["input_ids"].dtype == np.uint8
+    assert buffer.observations["attention_mask"].dtype == np.uint8
+    assert buffer.actions.dtype == np.uint8
+    assert buffer.bytes_per_transition == 9 + 9 + 1 + 6 * 4  # ids, mask, action, six float32 fields
+    next(buffer.get(batch_size=None))  # flattens the storage, (n_envs * n_steps, ...)
+    batch = buffer._get_samples(np.arange(len(buffer.observations["input_ids"])))
+    assert batch.observations["input_ids"].dtype == torch.int64
+    assert batch.observations["attention_mask"].dtype == torch.int8
+    np.testing.assert_array_equal(batch.observations["input_ids"].numpy(), buffer.observations["input_ids"])
+
+
+def test_storage_dtype_is_sized_to_the_vocabulary():
+    for vocab, dtype in ((19, np.uint8), (256, np.uint8), (257, np.uint16), (49_152, np.uint16), (65_537, np.uint32)):
+        space = TokenWindowSpace(vocab, 4, 4)
+        assert storage_dtype(space["input_ids"]) == dtype
+        assert storage_dtype(gym.spaces.Discrete(vocab)) == dtype
+    assert storage_dtype(space["attention_mask"]) == np.uint8
+    assert storage_dtype(gym.spaces.Box(-1.0, 1.0, (2,))) == np.float32
 
 
 def test_gae_with_gamma_one_is_the_terminal_reward_minus_value(tiny_env_kwargs):

@@ -39,7 +39,7 @@ def test_penalty_matches_a_direct_computation_and_gae_uses_it(tiny_env_kwargs, t
     unflatten = lambda a: a.reshape(n_envs, n_steps).T  # noqa: E731  (env-major -> (n_steps, n_envs))
     rewards, starts = buffer.rewards, buffer.episode_starts
     returns, log_probs = unflatten(buffer.returns.reshape(-1)), unflatten(buffer.log_probs.reshape(-1))
-    ids = buffer.observations["input_ids"].reshape(n_envs, n_steps, -1).transpose(1, 0, 2)
+    ids = buffer.observations["input_ids"].reshape(n_envs, n_steps, -1).transpose(1, 0, 2).astype(np.int64)  # stored compactly (uint8)
     mask = buffer.observations["attention_mask"].reshape(n_envs, n_steps, -1).transpose(1, 0, 2)
     actions = unflatten(buffer.actions.reshape(-1)).astype(int)
     reference = AutoModelForCausalLM.from_pretrained(reference_path).eval()
