@@ -4,12 +4,14 @@
 - :class:`EpisodeRolloutBuffer`: minibatches of whole episodes, one transformer forward each.
 - :func:`text_ppo_kwargs`: PPO settings to start from for text.
 - :class:`KLPenaltyCallback`: per-token KL penalty to a frozen reference model (fixed or adaptive).
+- :func:`adapters_disabled`, :func:`merged_lm`: LoRA adapters (``policy_kwargs=dict(lora_config=...)``).
 """
 
 from agents.buffers import EpisodeRolloutBuffer
 from agents.defaults import TEXT_PPO_DEFAULTS, text_ppo_kwargs
 from agents.extractor import CausalLMExtractor, load_causal_lm
 from agents.kl import AdaptiveKLController, FixedKLController, KLPenaltyCallback
+from agents.lora import adapters_disabled, merged_lm
 from agents.policy import TransformerPolicy
 
 __all__ = [
@@ -20,6 +22,8 @@ __all__ = [
     "CausalLMExtractor",
     "EpisodeRolloutBuffer",
     "TransformerPolicy",
+    "adapters_disabled",
     "load_causal_lm",
+    "merged_lm",
     "text_ppo_kwargs",
 ]

@@ -17,6 +17,7 @@ import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 
 from agents.extractor import load_causal_lm
+from agents.lora import adapters_disabled
 from agents.prefix_sharing import last_token_features
 
 
@@ -107,7 +108,10 @@ class KLPenaltyCallback(BaseCallback):
     Use with :class:`agents.TransformerPolicy`: ``model.learn(..., callback=KLPenaltyCallback(0.05))``.
     The reference model is loaded fresh from ``reference_model`` (default: the policy's
     ``model_name_or_path``), frozen and kept in eval mode, so it is the pretrained starting point
-    however often ``learn`` is called. After each rollout it logs:
+    however often ``learn`` is called. A policy with LoRA adapters (``lora_config``) and no
+    ``reference_model`` needs no second model: the reference is the policy's own LM with its
+    adapters disabled (:func:`agents.lora.adapters_disabled`), whose weights LoRA never changes;
+    ``self.reference`` then stays ``None``. After each rollout it logs:
 
     - ``kl/episode_kl``: mean over complete episodes of ``sum_t (log pi - log pi_ref)``, nats;
     - ``kl/coef``: ``beta`` used for this rollout;
@@ -133,13 +137,22 @@ class KLPenaltyCallback(BaseCallback):
         self.stats: dict[str, float] = {}
 
     def _init_callback(self) -> None:
-        if self.reference is not None:
+        if self.reference is not None or self._uses_disabled_adapters():
             return
         name = self.reference_model or getattr(self.model.policy, "model_name_or_path", None)
         if name is None:
             raise TypeError("KLPenaltyCallback needs reference_model=... or a TransformerPolicy")
         kwargs = getattr(self.model.policy, "from_pretrained_kwargs", {})
         self.reference = load_causal_lm(name, **kwargs).requires_grad_(False).to(self.model.device)
+
+    def _uses_disabled_adapters(self) -> bool:
+        return self.reference_model is None and getattr(self.model.policy, "peft_model", None) is not None
+
+    def _reference_log_probs(self, input_ids: th.Tensor, attention_mask: th.Tensor, actions: th.Tensor) -> th.Tensor:
+        if self.reference is not None:
+            return reference_log_probs(self.reference, input_ids, attention_mask, actions)
+        with adapters_disabled(self.model.policy) as base:
+            return reference_log_probs(base, input_ids, attention_mask, actions)
 
     def _on_step(self) -> bool:
         return True
@@ -150,7 +163,7 @@ class KLPenaltyCallback(BaseCallback):
         obs = {key: th.as_tensor(value.reshape(n_steps * n_envs, -1), device=self.model.device)
                for key, value in buffer.observations.items()}
         actions = th.as_tensor(buffer.actions.reshape(-1), device=self.model.device)
-        ref = reference_log_probs(self.reference, obs["input_ids"], obs["attention_mask"], actions)
+        ref = self._reference_log_probs(obs["input_ids"], obs["attention_mask"], actions)
         kl = buffer.log_probs - ref.cpu().numpy().reshape(n_steps, n_envs)
         beta = self.controller.value
         scores = buffer.rewards.copy()

@@ -11,6 +11,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 
 from agents.extractor import CausalLMExtractor
 from agents.kv_cache import RolloutKVCache
+from agents.lora import add_lora, lora_config_dict
 from agents.prefix_sharing import last_token_features
 
 
@@ -54,11 +55,20 @@ class TransformerPolicy(ActorCriticPolicy):
         whole window, exact up to float rounding. ``predict``, ``predict_values`` and
         ``evaluate_actions`` never use it; it is dropped at every ``set_training_mode`` call (so
         at the start of every rollout and update) and whenever a weight changed.
+    :param lora_config: train LoRA adapters (Hu et al. 2021) instead of the whole LM: a
+        ``peft.LoraConfig`` or a dict of its keyword arguments, e.g. ``dict(r=16, lora_alpha=32,
+        target_modules=["q_proj", "v_proj"])``. peft injects the adapters into ``self.lm`` in place
+        and freezes the LM's own weights (``requires_grad=False``); the value head still trains.
+        ``self.peft_model`` is the ``peft.PeftModel`` around ``self.lm`` (``None`` without LoRA):
+        :class:`agents.KLPenaltyCallback` then takes the same weights with adapters disabled as its
+        reference, without a second LM. Stored as a plain dict (``self.lora_config``), so SB3's
+        ``save``/``load`` round-trips it; see :mod:`agents.lora` for saving or merging the adapters.
     :param kwargs: other ``ActorCriticPolicy`` arguments (``optimizer_class``, ``optimizer_kwargs``,
         ``net_arch=dict(pi=[], vf=[...])`` for a deeper value head).
     :raises ValueError: the spaces are not token spaces, no model is named, the LM's vocabulary
         differs from the action space, the window exceeds the LM's positions, ``ortho_init=True``,
-        or ``net_arch`` has actor layers.
+        ``net_arch`` has actor layers, or ``lora_config`` targets no layer of the LM.
+    :raises TypeError: ``lora_config`` is not a ``LoraConfig``/dict or has an unknown argument.
     """
 
     def __init__(
@@ -70,6 +80,7 @@ class TransformerPolicy(ActorCriticPolicy):
         from_pretrained_kwargs: dict[str, Any] | None = None,
         value_learning_rate: float | None = None,
         share_prefix_forward: bool = True,
+        lora_config: Any = None,
         kv_cache: bool = True,
         net_arch: list[int] | dict[str, list[int]] | None = None,
         ortho_init: bool = False,
@@ -89,6 +100,7 @@ class TransformerPolicy(ActorCriticPolicy):
         self.model_name_or_path = model_name_or_path
         self.from_pretrained_kwargs = from_pretrained_kwargs or {}
         self.share_prefix_forward = share_prefix_forward
+        self.lora_config = None if lora_config is None else lora_config_dict(lora_config)
         self.kv_cache = kv_cache
         self.value_learning_rate = value_learning_rate
         super().__init__(
@@ -111,6 +123,9 @@ class TransformerPolicy(ActorCriticPolicy):
 
     def _build(self, lr_schedule: Schedule) -> None:
         self._check_model()
+        # Not a registered submodule: its parameters are self.lm's, already in the state dict.
+        vars(self)["peft_model"] = (None if self.lora_config is None
+                                    else add_lora(self.lm, self.lora_config, self.model_name_or_path))
         self.rollout_cache = RolloutKVCache(self.lm)
         self._build_mlp_extractor()
         self.action_net = self.lm.get_output_embeddings()
@@ -118,14 +133,19 @@ class TransformerPolicy(ActorCriticPolicy):
         th.nn.init.zeros_(self.value_net.weight)
         th.nn.init.zeros_(self.value_net.bias)
         if self.value_learning_rate is None:
-            self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+            self.optimizer = self.optimizer_class(self._trainable(self.parameters()), lr=lr_schedule(1), **self.optimizer_kwargs)
             return
         value_params = [*self.value_net.parameters(), *self.mlp_extractor.value_net.parameters()]
         value_ids = {id(p) for p in value_params}
         lm_params = [p for p in self.parameters() if id(p) not in value_ids]
-        self.optimizer = self.optimizer_class(lm_params, lr=lr_schedule(1), **self.optimizer_kwargs)
+        self.optimizer = self.optimizer_class(self._trainable(lm_params), lr=lr_schedule(1), **self.optimizer_kwargs)
         self.value_optimizer = self.optimizer_class(value_params, lr=self.value_learning_rate, **self.optimizer_kwargs)
         self.optimizer.register_step_post_hook(self._step_value_optimizer)
+
+    @staticmethod
+    def _trainable(parameters) -> list[th.nn.Parameter]:
+        # With LoRA the LM's own weights are frozen: leave them out of the optimizer.
+        return [p for p in parameters if p.requires_grad]
 
     def _step_value_optimizer(self, optimizer, args, kwargs) -> None:
         # SB3 zeroes, clips and steps only self.optimizer; the value head's gradients were clipped
@@ -200,6 +220,7 @@ class TransformerPolicy(ActorCriticPolicy):
         data.update(model_name_or_path=self.model_name_or_path,
                     from_pretrained_kwargs=self.from_pretrained_kwargs,
                     share_prefix_forward=self.share_prefix_forward,
+                    lora_config=self.lora_config,
                     kv_cache=self.kv_cache,
                     value_learning_rate=self.value_learning_rate)
         return data
