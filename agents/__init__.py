@@ -5,11 +5,13 @@
 - :func:`text_ppo_kwargs`: PPO settings to start from for text.
 - :class:`KLPenaltyCallback`: per-token KL penalty to a frozen reference model (fixed or adaptive).
 - :func:`adapters_disabled`, :func:`merged_lm`: LoRA adapters (``policy_kwargs=dict(lora_config=...)``).
+- :func:`evaluate_against_reference`: held-out reward, KL, perplexity and diversity, trained vs reference.
 """
 
 from agents.buffers import EpisodeRolloutBuffer
 from agents.defaults import TEXT_PPO_DEFAULTS, text_ppo_kwargs
 from agents.extractor import CausalLMExtractor, load_causal_lm
+from agents.evaluation import TextEvaluation, evaluate_against_reference
 from agents.kl import AdaptiveKLController, FixedKLController, KLPenaltyCallback
 from agents.lora import adapters_disabled, merged_lm
 from agents.policy import TransformerPolicy
@@ -22,7 +24,9 @@ __all__ = [
     "CausalLMExtractor",
     "EpisodeRolloutBuffer",
     "TransformerPolicy",
+    "TextEvaluation",
     "adapters_disabled",
+    "evaluate_against_reference",
     "load_causal_lm",
     "merged_lm",
     "text_ppo_kwargs",

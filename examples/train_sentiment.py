@@ -1,9 +1,16 @@
 """Fine-tune SmolLM2-135M-Instruct with SB3 PPO to continue movie reviews positively.
 
 Defaults everywhere: ``TextGen-v0``'s embedded LM, human-written review openings and the sentiment
-reward model. Prints a before/after table on held-out prompts and logs to TensorBoard::
+reward model. After training, :func:`agents.evaluate_against_reference` samples the pretrained
+reference and the trained policy on the same held-out prompts and prints a before/after table:
+reward, KL to the reference (nats per episode), perplexity of the completions under the reference,
+distinct-1/2 and length; the table and samples also go to TensorBoard (text tab). The run then states
+whether reward rose while KL and perplexity stayed within bounds: KL per episode at most
+``--max-kl`` (default: twice the KL controller's target) and perplexity under the reference at
+most ``--max-perplexity-ratio`` times the reference's own (default 1.5)::
 
     python examples/train_sentiment.py                 # ~9-10 min on a 2-core CPU
+    python examples/train_sentiment.py --lora-r 16 --learning-rate 1e-4   # LoRA adapters on q_proj, v_proj
     tensorboard --logdir runs/
 """
 
@@ -12,43 +19,32 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.evaluation import evaluate_policy
 
 import textgym  # noqa: F401  (registers TextGen-v0)
-from agents import AdaptiveKLController, KLPenaltyCallback, TransformerPolicy, text_ppo_kwargs
+from agents import (AdaptiveKLController, KLPenaltyCallback, TransformerPolicy, evaluate_against_reference,
+                    text_ppo_kwargs)
 
 
-def evaluate(model: PPO, env, n_episodes: int) -> dict:
-    """Sample ``n_episodes`` completions on held-out prompts through SB3's ``evaluate_policy``."""
-    samples: list[tuple[str, str, float]] = []
-
-    def keep_finished(local_vars: dict, _globals: dict) -> None:
-        if local_vars["done"]:
-            info = local_vars["info"]
-            samples.append((info["prompt"], info["completion"], float(local_vars["reward"])))
-
-    rewards, lengths = evaluate_policy(model, env, n_eval_episodes=n_episodes, deterministic=False,
-                                       return_episode_rewards=True, callback=keep_finished)
-    return {"reward": float(np.mean(rewards)), "reward_sem": float(np.std(rewards) / np.sqrt(len(rewards))),
-            "length": float(np.mean(lengths)), "samples": samples}
-
-
-def print_table(before: dict, after: dict, n_samples: int = 3) -> None:
-    """Markdown table of both evaluations, then the same prompts' completions before and after."""
-    print("\n| held-out prompts | mean reward (± s.e.) | mean length (tokens) |")
-    print("|---|---|---|")
-    for name, result in (("before", before), ("after", after)):
-        print(f"| {name} | {result['reward']:+.3f} ± {result['reward_sem']:.3f} | {result['length']:.1f} |")
-    after_by_prompt = {prompt: (completion, reward) for prompt, completion, reward in after["samples"]}
-    shown = [s for s in before["samples"] if s[0] in after_by_prompt][:n_samples]
-    for prompt, completion, reward in shown:
-        print(f"\nprompt: {prompt!r}")
-        print(f"  before [{reward:+.2f}] {completion!r}")
-        print("  after  [{1:+.2f}] {0!r}".format(*after_by_prompt[prompt]))
+def check_bounds(results: dict, max_kl: float, max_perplexity_ratio: float) -> bool:
+    """Print whether reward rose while KL and perplexity stayed within the stated bounds; True if all held."""
+    reference, trained = results["reference"], results["trained"]
+    gain = trained.reward_mean - reference.reward_mean
+    gain_se = (trained.reward_sem ** 2 + reference.reward_sem ** 2) ** 0.5
+    ratio = trained.perplexity / reference.perplexity
+    checks = [
+        (gain > 0, f"reward rose by {gain:+.3f} (± {gain_se:.3f} s.e.; "
+                   f"{'more' if gain > 2 * gain_se else 'less'} than 2 s.e.)"),
+        (trained.kl_mean <= max_kl, f"KL to the reference {trained.kl_mean:.2f} nats per episode (bound {max_kl:g})"),
+        (ratio <= max_perplexity_ratio, f"perplexity under the reference {reference.perplexity:.2f} -> "
+                                        f"{trained.perplexity:.2f}, x{ratio:.2f} (bound x{max_perplexity_ratio:g})"),
+    ]
+    print()
+    for ok, text in checks:
+        print(f"{'ok     ' if ok else 'WARNING'} {text}")
+    return all(ok for ok, _ in checks)
 
 
 def main() -> None:
@@ -62,6 +58,12 @@ def main() -> None:
     parser.add_argument("--kl-coef", type=float, default=0.05, help="initial KL coefficient beta; 0 disables the penalty")
     parser.add_argument("--kl-target", type=float, default=4.0, help="target KL per episode (nats) of the adaptive controller")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (on 2 cores, 2 gave 1.5x the update throughput of 1)")
+    parser.add_argument("--max-kl", type=float, default=None,
+                        help="bound on the held-out KL to the reference, nats per episode (default: 2 x --kl-target)")
+    parser.add_argument("--max-perplexity-ratio", type=float, default=1.5,
+                        help="bound on trained / reference perplexity of the completions under the reference")
+    parser.add_argument("--lora-r", type=int, default=0,
+                        help="LoRA rank on q_proj and v_proj (alpha = 2 r); 0: fine-tune all weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tensorboard-log", default="runs/")
     parser.add_argument("--save", default=None, help="path to save the trained model (SB3 zip)")
@@ -71,23 +73,25 @@ def main() -> None:
     start = time.perf_counter()
     env_kwargs = dict(max_new_tokens=args.max_new_tokens)
     train_env = make_vec_env("TextGen-v0", n_envs=args.n_envs, seed=args.seed, env_kwargs=env_kwargs)
+    lora = (dict(lora_config=dict(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=["q_proj", "v_proj"]))
+            if args.lora_r else {})
     model = PPO(TransformerPolicy, train_env, seed=args.seed, verbose=1, tensorboard_log=args.tensorboard_log,
-                **text_ppo_kwargs(learning_rate=args.learning_rate, n_steps=args.n_steps))
+                **text_ppo_kwargs(learning_rate=args.learning_rate, n_steps=args.n_steps, policy_kwargs=lora))
 
-    def held_out_env():
-        # Same seed before and after training: both evaluations see the same held-out prompts.
-        return make_vec_env("TextGen-v0", n_envs=args.n_envs, seed=10_000 + args.seed,
-                            env_kwargs=dict(env_kwargs, prompts="movie_reviews:test"))
-
-    before = evaluate(model, held_out_env(), args.eval_episodes)
     # Ziegler et al. (2019): penalise each token's log-ratio to the frozen starting model.
     kl = KLPenaltyCallback(AdaptiveKLController(args.kl_coef, target=args.kl_target)) if args.kl_coef > 0 else None
     model.learn(total_timesteps=args.timesteps, progress_bar=True, tb_log_name="sentiment", callback=kl)
-    after = evaluate(model, held_out_env(), args.eval_episodes)
-    print_table(before, after)
     if kl is not None:
         print(f"\nlast rollout: KL to the reference {kl.stats.get('kl/episode_kl', float('nan')):.2f} nats per episode, "
               f"beta {kl.stats['kl/coef']:.4f}, score {kl.stats.get('kl/score', float('nan')):+.3f}")
+
+    # Held-out prompts; the pretrained reference ("before") and the trained policy ("after") see the same ones.
+    print("\nheld-out prompts: 'reference' = the pretrained model (before training), 'trained' = after")
+    held_out = make_vec_env("TextGen-v0", n_envs=args.n_envs, env_kwargs=dict(env_kwargs, prompts="movie_reviews:test"))
+    results = evaluate_against_reference(model, held_out, n_episodes=args.eval_episodes, seed=10_000 + args.seed,
+                                         tensorboard_log=model.logger.get_dir(), tag="heldout", step=model.num_timesteps)
+    check_bounds(results, max_kl=2 * args.kl_target if args.max_kl is None else args.max_kl,
+                 max_perplexity_ratio=args.max_perplexity_ratio)
     print(f"\nwall time {time.perf_counter() - start:.0f} s for {args.timesteps} training steps "
           f"({args.timesteps // args.max_new_tokens} or more episodes), torch threads {args.threads}")
     if args.save:

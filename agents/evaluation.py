@@ -1,0 +1,304 @@
+"""Held-out evaluation of a text policy against its reference model: reward, KL, perplexity, diversity.
+
+This lives in ``agents/`` rather than ``textgym/`` because it needs a policy: it samples through
+the policy's own ``predict`` (SB3's ``evaluate_policy``), scores the samples with the policy's LM
+and its reference LM (the LoRA-disabled weights or a freshly loaded pretrained model, as
+:class:`agents.KLPenaltyCallback` uses), and knows :class:`agents.TransformerPolicy`'s LoRA
+switch. ``textgym`` stays the Gymnasium side that knows no policy.
+
+Metrics (all over completed episodes on the env's prompts):
+
+- mean reward ± standard error (the env's episode return, i.e. the reward model's score);
+- KL to the reference, nats per episode: mean over sampled episodes of
+  ``sum_t log pi(a_t|s_t) - log pi_ref(a_t|s_t)``, the Monte-Carlo estimate of
+  ``KL(pi || pi_ref)`` per episode whose per-token terms :class:`agents.KLPenaltyCallback` penalises
+  (Ziegler et al. 2019);
+- perplexity of the completions under the reference: ``exp(-sum log pi_ref(a_t|s_t) / n_tokens)``
+  over all generated tokens of all episodes (EOS included when it was sampled);
+- distinct-1 / distinct-2 (Li et al. 2016, "A Diversity-Promoting Objective Function for Neural
+  Conversation Models"): distinct n-grams / total n-grams over all completions, n-grams of
+  *whitespace-separated words* of the decoded completions (``str.split()``, case kept), never across
+  completions;
+- mean length in tokens (actions per episode, EOS included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch as th
+
+from agents.kl import reference_log_probs
+from agents.lora import adapters_disabled
+
+
+@dataclass
+class EpisodeSample:
+    """One sampled episode.
+
+    :param prompt: the env's prompt.
+    :param completion: the decoded completion (``info["completion"]``).
+    :param reward: episode return (sum of the env's rewards).
+    :param tokens: generated token ids, EOS included when sampled.
+    :param log_probs: ``float32 (len(tokens),)`` log-probs of ``tokens`` under the evaluated policy (nats).
+    :param ref_log_probs: the same under the reference model.
+    """
+
+    prompt: str
+    completion: str
+    reward: float
+    tokens: list[int]
+    log_probs: np.ndarray = field(repr=False)
+    ref_log_probs: np.ndarray = field(repr=False)
+
+    @property
+    def kl(self) -> float:
+        """``sum_t log pi - log pi_ref`` over this episode's tokens, nats (float64 sum)."""
+        return float(np.sum(self.log_probs.astype(np.float64) - self.ref_log_probs.astype(np.float64)))
+
+
+@dataclass
+class TextEvaluation:
+    """Held-out metrics of one policy (see the module docstring for definitions).
+
+    :param name: row label (``"reference"`` or ``"trained"``).
+    :param n_episodes: episodes evaluated.
+    :param reward_mean: mean episode return.
+    :param reward_sem: its standard error, ``std(ddof=1) / sqrt(n)`` (0 for one episode).
+    :param kl_mean: mean KL to the reference, nats per episode.
+    :param kl_sem: its standard error.
+    :param perplexity: perplexity of the completions under the reference model.
+    :param distinct_1: distinct unigrams / unigrams (whitespace words), ``nan`` without words.
+    :param distinct_2: distinct bigrams / bigrams, ``nan`` without bigrams.
+    :param length_mean: mean tokens per episode (EOS included).
+    :param episodes: every episode, in the order they ended.
+    """
+
+    name: str
+    n_episodes: int
+    reward_mean: float
+    reward_sem: float
+    kl_mean: float
+    kl_sem: float
+    perplexity: float
+    distinct_1: float
+    distinct_2: float
+    length_mean: float
+    episodes: list[EpisodeSample] = field(repr=False)
+
+    def row(self) -> str:
+        """This evaluation as one row of :func:`markdown_table`."""
+        return (f"| {self.name} | {self.reward_mean:+.3f} ± {self.reward_sem:.3f} | {self.kl_mean:.2f} ± {self.kl_sem:.2f} "
+                f"| {self.perplexity:.2f} | {self.distinct_1:.3f} | {self.distinct_2:.3f} | {self.length_mean:.1f} |")
+
+
+def distinct_n(texts: Iterable[str], n: int) -> float:
+    """Distinct-n of Li et al. (2016): distinct n-grams / total n-grams over all ``texts``.
+
+    Texts are split into words by whitespace (``str.split()``, case kept); n-grams never span two
+    texts; a text with fewer than ``n`` words adds none.
+
+    :param texts: completions.
+    :param n: n-gram order, >= 1.
+    :return: a float in ``(0, 1]``; ``nan`` when there is no n-gram at all.
+    :raises ValueError: ``n < 1``.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    grams = [tuple(words[i:i + n]) for words in (text.split() for text in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def _sem(values: np.ndarray) -> float:
+    return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
+def _sample_episodes(predictor, env, n_episodes: int, deterministic: bool) -> list[dict[str, Any]]:
+    """Run ``n_episodes`` through SB3's ``evaluate_policy``; keep each episode's observations and actions."""
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    running: dict[int, dict[str, Any]] = {}
+    finished: list[dict[str, Any]] = []
+
+    def record(local_vars: dict, _globals: dict) -> None:
+        i = local_vars["i"]
+        episode = running.setdefault(i, {"obs": [], "actions": [], "reward": 0.0})
+        episode["obs"].append({key: value[i] for key, value in local_vars["observations"].items()})
+        episode["actions"].append(int(local_vars["actions"][i]))
+        episode["reward"] += float(local_vars["reward"])
+        if local_vars["done"]:
+            info = local_vars["info"]
+            if "completion" not in info:
+                raise ValueError("the env's final info has no 'completion'; evaluate on TextGen envs")
+            episode.update(prompt=info["prompt"], completion=info["completion"])
+            finished.append(running.pop(i))
+
+    evaluate_policy(predictor, env, n_eval_episodes=n_episodes, deterministic=deterministic,
+                    return_episode_rewards=True, callback=record, warn=False)
+    return finished
+
+
+def _log_probs(scope, episodes: Sequence[dict[str, Any]], device, chunk: int = 32) -> list[np.ndarray]:
+    """Per-episode log-probs of the sampled actions under the LM that ``scope()`` yields."""
+    out = []
+    for lo in range(0, len(episodes), chunk):
+        part = episodes[lo:lo + chunk]
+        obs = {key: th.as_tensor(np.stack([o[key] for e in part for o in e["obs"]]), device=device)
+               for key in ("input_ids", "attention_mask")}
+        actions = th.as_tensor([a for e in part for a in e["actions"]], device=device)
+        with scope() as lm:
+            values = reference_log_probs(lm, obs["input_ids"], obs["attention_mask"], actions).cpu().numpy()
+        out.extend(np.split(values, np.cumsum([len(e["actions"]) for e in part])[:-1]))
+    return out
+
+
+def _score(name: str, episodes: list[dict[str, Any]], policy_scope, reference_scope, device) -> TextEvaluation:
+    if not episodes:
+        raise ValueError("no episode finished")
+    log_probs = _log_probs(policy_scope, episodes, device)
+    ref_log_probs = log_probs if policy_scope is reference_scope else _log_probs(reference_scope, episodes, device)
+    samples = [EpisodeSample(e["prompt"], e["completion"], e["reward"], e["actions"], lp, rlp)
+               for e, lp, rlp in zip(episodes, log_probs, ref_log_probs)]
+    rewards = np.array([s.reward for s in samples])
+    kls = np.array([s.kl for s in samples])
+    all_ref = np.concatenate([s.ref_log_probs for s in samples]).astype(np.float64)
+    completions = [s.completion for s in samples]
+    return TextEvaluation(
+        name=name, n_episodes=len(samples), reward_mean=float(rewards.mean()), reward_sem=_sem(rewards),
+        kl_mean=float(kls.mean()), kl_sem=_sem(kls), perplexity=float(math.exp(-all_ref.mean())),
+        distinct_1=distinct_n(completions, 1), distinct_2=distinct_n(completions, 2),
+        length_mean=float(np.mean([len(s.tokens) for s in samples])), episodes=samples)
+
+
+def markdown_table(results: dict[str, TextEvaluation]) -> str:
+    """The evaluations as a markdown table, one row each."""
+    header = ("| policy | mean reward (± s.e.) | KL to reference (nats/episode, ± s.e.) | perplexity under reference "
+              "| distinct-1 | distinct-2 | mean length (tokens) |\n|---|---|---|---|---|---|---|")
+    return "\n".join([header, *(result.row() for result in results.values())])
+
+
+def samples_text(results: dict[str, TextEvaluation], n_samples: int = 3) -> str:
+    """Completions of the same prompts by each policy, score in brackets (first prompts all policies share)."""
+    by_prompt = [{e.prompt: e for e in result.episodes} for result in results.values()]
+    first = next(iter(results.values())).episodes
+    shared = [e.prompt for e in first if all(e.prompt in table for table in by_prompt)]
+    width = max(len(name) for name in results)
+    lines = []
+    for prompt in list(dict.fromkeys(shared))[:n_samples]:
+        lines.append(f"prompt: {prompt!r}")
+        for name, table in zip(results, by_prompt):
+            lines.append(f"  {name:<{width}} [{table[prompt].reward:+.2f}] {table[prompt].completion!r}")
+    return "\n".join(lines)
+
+
+def _as_policy(model):
+    return getattr(model, "policy", model)
+
+
+def evaluate_against_reference(
+    model,
+    env,
+    n_episodes: int = 64,
+    reference=None,
+    deterministic: bool = False,
+    seed: int | None = 0,
+    n_samples: int = 3,
+    tensorboard_log: Any = None,
+    tag: str = "eval",
+    step: int = 0,
+    verbose: bool = True,
+) -> dict[str, TextEvaluation]:
+    """Evaluate the reference policy and the trained policy on the same held-out prompts.
+
+    Both are sampled through ``env`` with SB3's ``evaluate_policy`` (``policy.predict``), so the
+    figures describe exactly the policy the env sees; then each episode is scored with one forward
+    per episode (:func:`agents.kl.reference_log_probs`) under the trained LM and under the reference
+    LM. Definitions of the metrics: see :mod:`agents.evaluation`.
+
+    The reference is, in this order: ``reference`` if given; for a policy with LoRA adapters, the
+    same policy with adapters disabled (no second model); otherwise a fresh copy of the policy
+    built from its constructor parameters, i.e. the pretrained LM (one more LM in memory while
+    this runs). The reference row's KL is exactly 0 and its perplexity is that of the reference's
+    own samples.
+
+    With ``seed`` both runs reseed ``env`` (``VecEnv.seed``) so they draw the same prompts; token
+    sampling uses torch's global RNG (seed it, e.g. ``stable_baselines3.common.utils.set_random_seed``,
+    for repeatable figures).
+
+    :param model: an SB3 algorithm (``PPO``) or a :class:`agents.TransformerPolicy`.
+    :param env: a TextGen ``VecEnv`` (or ``gym.Env``), e.g. held-out prompts (``prompts="movie_reviews:test"``).
+    :param n_episodes: episodes per policy, >= 1.
+    :param reference: a reference ``TransformerPolicy`` (or an SB3 algorithm holding one); ``None``: see above.
+    :param deterministic: greedy decoding instead of sampling.
+    :param seed: env seed for both runs; ``None``: do not reseed (the two runs then see different prompts).
+    :param n_samples: prompts whose completions are shown (printed and logged).
+    :param tensorboard_log: a log directory or a ``torch.utils.tensorboard.SummaryWriter``; the table
+        and the samples are written as text (``add_text``) under ``{tag}/table`` and ``{tag}/samples``.
+    :param tag: TensorBoard tag prefix.
+    :param step: TensorBoard global step.
+    :param verbose: print the table and the samples.
+    :return: ``{"reference": TextEvaluation, "trained": TextEvaluation}``.
+    :raises ValueError: ``n_episodes < 1``, or the env's final ``info`` has no ``completion``.
+    """
+    if n_episodes < 1:
+        raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
+
+    if not isinstance(env, VecEnv):
+        env = DummyVecEnv([lambda: env])
+    policy = _as_policy(model)
+    policy.set_training_mode(False)
+    device = policy.device
+    trained_scope = lambda: contextlib.nullcontext(policy.lm)  # noqa: E731
+
+    if reference is not None:
+        ref_policy = _as_policy(reference)
+        reference_scope = lambda: contextlib.nullcontext(ref_policy.lm)  # noqa: E731
+        sample_reference = contextlib.nullcontext
+    elif getattr(policy, "peft_model", None) is not None:
+        ref_policy = policy
+        reference_scope = lambda: adapters_disabled(policy)  # noqa: E731
+        sample_reference = reference_scope
+    else:
+        ref_policy = type(policy)(**policy._get_constructor_parameters()).to(device)
+        reference_scope = lambda: contextlib.nullcontext(ref_policy.lm)  # noqa: E731
+        sample_reference = contextlib.nullcontext
+    ref_policy.set_training_mode(False)
+
+    if seed is not None:
+        env.seed(seed)
+    with sample_reference():
+        ref_episodes = _sample_episodes(ref_policy, env, n_episodes, deterministic)
+    if seed is not None:
+        env.seed(seed)
+    episodes = _sample_episodes(policy, env, n_episodes, deterministic)
+
+    results = {"reference": _score("reference", ref_episodes, reference_scope, reference_scope, device),
+               "trained": _score("trained", episodes, trained_scope, reference_scope, device)}
+    table, samples = markdown_table(results), samples_text(results, n_samples)
+    if verbose:
+        print(f"\n{table}\n\n{samples}")
+    if tensorboard_log is not None:
+        _write_tensorboard(tensorboard_log, tag, step, table, samples)
+    return results
+
+
+def _write_tensorboard(log, tag: str, step: int, table: str, samples: str) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = log if isinstance(log, SummaryWriter) else SummaryWriter(log_dir=str(log))
+    writer.add_text(f"{tag}/table", table, step)
+    # Indented: TensorBoard's markdown shows it as a code block, line breaks and quotes kept.
+    writer.add_text(f"{tag}/samples", "\n".join("    " + line for line in samples.splitlines()), step)
+    writer.flush()
+    if writer is not log:
+        writer.close()
+
+
+__all__ = ["EpisodeSample", "TextEvaluation", "distinct_n", "evaluate_against_reference",
+           "markdown_table", "samples_text"]

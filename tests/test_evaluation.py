@@ -1,0 +1,116 @@
+"""evaluate_against_reference: distinct-n, KL and perplexity against direct computations, table, TensorBoard."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.env_util import make_vec_env
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM
+
+from agents import TransformerPolicy, evaluate_against_reference, text_ppo_kwargs
+from agents.evaluation import distinct_n
+from tests.conftest import keyword_reward
+from textgym.env import load_tokenizer
+
+LORA = dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+
+
+def make_model(env_kwargs, **policy_kwargs):
+    env = make_vec_env("TextGen-v0", n_envs=2, seed=0, env_kwargs=env_kwargs)
+    return PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=8, batch_size=16, n_epochs=2, learning_rate=1e-2,
+                                                                 policy_kwargs=policy_kwargs))
+
+
+def direct_log_probs(lm, tokenizer, prompt: str, tokens: list[int]) -> np.ndarray:
+    """log p(token_t | prompt, tokens_<t) from one forward over the unpadded text."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = torch.tensor([prompt_ids + tokens])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(lm(ids).logits[0].double(), -1)
+    positions = torch.arange(len(prompt_ids) - 1, ids.shape[1] - 1)
+    return log_probs[positions, ids[0, positions + 1]].numpy()
+
+
+def test_distinct_n_counts_whitespace_ngrams_within_each_text():
+    texts = ["the cat sat", "the  cat ran\n", "a", ""]
+    # unigrams: the cat sat the cat ran a -> 5 distinct of 7; bigrams: (the cat) x2, (cat sat), (cat ran) -> 3 of 4
+    # ("sat the" spans two texts and is not a bigram).
+    assert distinct_n(texts, 1) == 5 / 7
+    assert distinct_n(texts, 2) == 3 / 4
+    assert distinct_n(["A a a"], 1) == 2 / 3  # case is kept
+    assert math.isnan(distinct_n(["a", ""], 2))
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        distinct_n(texts, 0)
+
+
+def test_policy_equal_to_reference_gives_zero_kl_and_direct_perplexity(tiny_env_kwargs, tiny_lm, tmp_path, capsys):
+    model = make_model(tiny_env_kwargs)  # untrained: the reference (a fresh copy) has the same weights
+    env = make_vec_env("TextGen-v0", n_envs=2, seed=5, env_kwargs=tiny_env_kwargs)
+    results = evaluate_against_reference(model, env, n_episodes=6, tensorboard_log=tmp_path, tag="heldout", step=3)
+    reference, trained = results["reference"], results["trained"]
+    assert reference.n_episodes == trained.n_episodes == 6
+    assert sorted(e.prompt for e in reference.episodes) == sorted(e.prompt for e in trained.episodes)
+
+    assert [e.kl for e in trained.episodes] == [0.0] * 6  # two LMs with the same weights: exactly 0
+    assert trained.kl_mean == 0.0 and trained.kl_sem == 0.0 and reference.kl_mean == 0.0
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    tokenizer = load_tokenizer(tiny_lm)
+    for result in (reference, trained):
+        nll = -np.concatenate([direct_log_probs(lm, tokenizer, e.prompt, e.tokens) for e in result.episodes])
+        assert result.perplexity == pytest.approx(math.exp(nll.mean()), rel=1e-5)
+        completions = [e.completion for e in result.episodes]
+        prompts = [e.prompt for e in result.episodes]
+        rewards = np.array(keyword_reward(prompts, completions))
+        assert result.reward_mean == pytest.approx(rewards.mean(), abs=1e-12)
+        assert result.reward_sem == pytest.approx(rewards.std(ddof=1) / math.sqrt(6), abs=1e-12)
+        assert result.length_mean == np.mean([len(e.tokens) for e in result.episodes])
+        assert result.distinct_1 == distinct_n(completions, 1) and result.distinct_2 == distinct_n(completions, 2)
+
+    printed = capsys.readouterr().out
+    assert "| policy | mean reward (± s.e.) | KL to reference (nats/episode, ± s.e.) |" in printed
+    assert f"| reference | {reference.reward_mean:+.3f} ± {reference.reward_sem:.3f} | 0.00 ± 0.00 |" in printed
+    assert f"| trained | {trained.reward_mean:+.3f} ± {trained.reward_sem:.3f} | 0.00 ± 0.00 |" in printed
+    assert "prompt: " in printed
+
+    events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    events.Reload()
+    table = events.Tensors("heldout/table/text_summary")[0]
+    assert table.step == 3
+    assert "| trained |" in table.tensor_proto.string_val[0].decode()
+    samples = events.Tensors("heldout/samples/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "    prompt: " in samples and "    " + "  reference [" in samples
+
+
+def test_lora_policy_is_compared_with_its_disabled_adapters(tiny_env_kwargs, tiny_lm, monkeypatch):
+    model = make_model(tiny_env_kwargs, lora_config=LORA)
+    model.learn(32)  # adapters move at lr 1e-2
+    env = make_vec_env("TextGen-v0", n_envs=2, seed=5, env_kwargs=tiny_env_kwargs)
+    results = evaluate_against_reference(model, env, n_episodes=6, verbose=False)
+    reference, trained = results["reference"], results["trained"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    tokenizer = load_tokenizer(tiny_lm)
+    expected_kl = []
+    for episode in trained.episodes:
+        ref = direct_log_probs(base, tokenizer, episode.prompt, episode.tokens)
+        np.testing.assert_allclose(episode.ref_log_probs, ref, rtol=0, atol=1e-5)
+        with torch.no_grad():
+            pi = direct_log_probs(model.policy.lm, tokenizer, episode.prompt, episode.tokens)
+        expected_kl.append((pi - ref).sum())
+    assert trained.kl_mean == pytest.approx(np.mean(expected_kl), abs=1e-5)
+    assert abs(trained.kl_mean) > 1e-3  # the adapters trained: the comparison is not trivially 0
+    assert reference.kl_mean == 0.0
+    # the reference row was sampled and scored by the base model
+    nll = -np.concatenate([direct_log_probs(base, tokenizer, e.prompt, e.tokens) for e in reference.episodes])
+    assert reference.perplexity == pytest.approx(math.exp(nll.mean()), rel=1e-5)
+
+
+def test_bad_episode_count_is_rejected(tiny_env_kwargs):
+    model = make_model(tiny_env_kwargs)
+    with pytest.raises(ValueError, match="n_episodes"):
+        evaluate_against_reference(model, model.get_env(), n_episodes=0)
