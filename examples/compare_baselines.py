@@ -1,0 +1,388 @@
+"""Sanity suite: the same upstream SB3 PPO on classic control and on textgym's synthetic text tasks.
+
+Classic control uses rl-baselines3-zoo's published PPO hyperparameters and is compared with the
+zoo's benchmark scores; the synthetic text tasks (:data:`textgym.TASKS`) use their own recommended
+settings and are compared with their exact chance level and their optimum (1.0). If our PPO matches
+the zoo on classic control and gets far above chance on the text tasks, the RL side and the text
+side are both wired correctly. Several seeds per task run in parallel worker processes (one torch
+thread each); the script prints a markdown table and writes, under ``--out``:
+
+- ``tensorboard/<task>_seed<k>_1/``: SB3's TensorBoard logs of every run (``tensorboard --logdir``),
+- ``monitor/<task>/seed<k>/*.monitor.csv``: SB3 ``Monitor`` files (one row per training episode:
+  return ``r``, length ``l``, seconds since start ``t``),
+- ``learning_curves.png`` (all tasks) and ``curve_<task>.png``: episodic training return vs
+  environment steps, mean +/- std over seeds,
+- ``results.md`` (the table) and ``results.json`` (every seed's score and wall time).
+
+::
+
+    python examples/compare_baselines.py                          # full suite, 3 seeds: 38 min on a shared 2-core CPU
+    python examples/compare_baselines.py --quick                  # CartPole-v1 + keyword, 2 seeds: 40-45 s
+    python examples/compare_baselines.py --tasks CartPole-v1 copy --seeds 0 1 2 3 --out runs/mine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ZOO_SOURCE = "rl-baselines3-zoo hyperparams/ppo.yml (commit 208b6fdf3a9aa24de44b2e068c6e5f6a07d97fcc)"
+"""Where the classic-control hyperparameters below come from (DLR-RM/rl-baselines3-zoo on GitHub)."""
+
+BUDGET_NOTE = (
+    "rl-zoo trains Acrobot-v1, MountainCar-v0 and LunarLander on 1e6 steps; for the whole suite to fit "
+    "in 60 minutes on a 2-core CPU they run on 2e5, 3e5 and 2e5 steps here (steps column: ours / zoo's), "
+    "with 3 seeds. CartPole-v1 and Pendulum-v1 use the zoo's full 1e5. SB3 trains whole rollouts, so it "
+    "rounds a budget up to a multiple of n_steps * n_envs (LunarLander-v3: 212,992 steps for 200,000)."
+)
+
+
+def linear(initial: float) -> Callable[[float], float]:
+    """rl-zoo's ``lin_<value>`` schedule: ``initial * progress_remaining`` (1 -> 0 over training)."""
+    return lambda progress_remaining: progress_remaining * initial
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One row of the comparison: an environment, how PPO trains on it, and what to compare with.
+
+    :param name: key for ``--tasks`` (Gymnasium id for classic control, :data:`textgym.TASKS` key for text).
+    :param env_id: Gymnasium id.
+    :param total_timesteps: environment steps of the full suite (summed over the ``n_envs`` envs).
+    :param quick_timesteps: environment steps with ``--quick``.
+    :param n_envs: parallel envs in the ``DummyVecEnv``.
+    :param ppo_kwargs: keyword arguments of ``stable_baselines3.PPO`` (besides policy and env).
+    :param normalize: rl-zoo's ``normalize: true``: train under ``VecNormalize`` (observations and
+        rewards), evaluate with its observation statistics frozen and raw rewards.
+    :param zoo_timesteps: the budget of the reference score (steps).
+    :param reference: the score to compare with (rl-zoo benchmark, or the text task's optimum).
+    :param chance: exact expected reward of the uniform random policy (text tasks), else ``None``.
+    :param text: a synthetic text task (``TransformerPolicy``, sampling at evaluation).
+    """
+
+    name: str
+    env_id: str
+    total_timesteps: int
+    quick_timesteps: int
+    n_envs: int
+    ppo_kwargs: dict[str, Any] = field(hash=False)
+    normalize: bool = False
+    zoo_timesteps: int | None = None
+    reference: str = ""
+    chance: float | None = None
+    text: bool = False
+
+
+# --- classic control: rl-baselines3-zoo's PPO hyperparameters, copied from ZOO_SOURCE -------------
+# Every key below is the zoo's; omitted keys are SB3's defaults, as in the zoo (e.g. batch_size=64,
+# learning_rate=3e-4, clip_range=0.2). References are the zoo's benchmark (benchmark.md):
+# mean +/- std of episodic return of the trained agent.
+CLASSIC = [
+    Benchmark("CartPole-v1", "CartPole-v1", total_timesteps=100_000, quick_timesteps=20_000, n_envs=8,
+              ppo_kwargs=dict(n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=20, ent_coef=0.0,
+                              learning_rate=linear(1e-3), clip_range=linear(0.2)),
+              zoo_timesteps=100_000, reference="500.0 ± 0.0"),
+    Benchmark("Acrobot-v1", "Acrobot-v1", total_timesteps=200_000, quick_timesteps=20_000, n_envs=16,
+              ppo_kwargs=dict(n_steps=256, gae_lambda=0.94, gamma=0.99, n_epochs=4, ent_coef=0.0),
+              normalize=True, zoo_timesteps=1_000_000, reference="-73.5 ± 18.2"),
+    Benchmark("MountainCar-v0", "MountainCar-v0", total_timesteps=300_000, quick_timesteps=20_000, n_envs=16,
+              ppo_kwargs=dict(n_steps=16, gae_lambda=0.98, gamma=0.99, n_epochs=4, ent_coef=0.0),
+              normalize=True, zoo_timesteps=1_000_000, reference="-110.4 ± 19.5"),
+    Benchmark("Pendulum-v1", "Pendulum-v1", total_timesteps=100_000, quick_timesteps=20_000, n_envs=4,
+              ppo_kwargs=dict(n_steps=1024, gae_lambda=0.95, gamma=0.9, n_epochs=10, ent_coef=0.0,
+                              learning_rate=1e-3, clip_range=0.2, use_sde=True, sde_sample_freq=4),
+              zoo_timesteps=100_000, reference="-172.2 ± 104.2"),
+    # The zoo's entry and benchmark are for LunarLander-v2; Gymnasium 1.x only has -v3 (v2 with
+    # bug fixes), so the reference is indicative. Needs Box2D: pip install "gymnasium[box2d]".
+    Benchmark("LunarLander-v3", "LunarLander-v3", total_timesteps=200_000, quick_timesteps=20_000, n_envs=16,
+              ppo_kwargs=dict(n_steps=1024, batch_size=64, gae_lambda=0.98, gamma=0.999, n_epochs=4, ent_coef=0.01),
+              zoo_timesteps=1_000_000, reference="242.1 ± 31.8 (v2)"),
+]
+
+
+def text_benchmarks() -> list[Benchmark]:
+    """The synthetic text tasks of :data:`textgym.TASKS`, with their own recommended PPO settings.
+
+    Budgets are the tasks' ``total_timesteps`` (after which seeds 0-5 scored 0.95-1.0);
+    ``--quick`` keeps the keyword task's full 6,000 steps, the shortest, and halves the others.
+    """
+    from agents import text_ppo_kwargs
+    from textgym import TASKS
+
+    return [Benchmark(name, task.gym_id, total_timesteps=task.total_timesteps,
+                      quick_timesteps=task.total_timesteps if name == "keyword" else task.total_timesteps // 2,
+                      n_envs=4, ppo_kwargs=text_ppo_kwargs(**task.ppo_kwargs),
+                      reference=f"{task.optimum:.1f} (optimum)", chance=task.chance, text=True)
+            for name, task in TASKS.items()]
+
+
+def box2d_available() -> bool:
+    """Whether LunarLander can be built (Box2D installed)."""
+    try:
+        import Box2D  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --- one run: train one seed, evaluate it -------------------------------------------------------
+
+def make_env(bench: Benchmark, seed: int, monitor_dir: str | None = None):
+    """The vectorised env of ``bench``: ``n_envs`` Monitor-wrapped copies, seeded ``seed, seed+1, ...``.
+
+    With ``bench.normalize`` the VecEnv is wrapped in ``VecNormalize`` (rl-zoo's ``normalize: true``:
+    observations and rewards, the reward's discount being PPO's ``gamma``). ``Monitor`` sits inside,
+    so ``monitor_dir`` records raw episodic returns.
+    """
+    import textgym  # noqa: F401  (registers the TextGen-*-v0 ids, also in spawned workers)
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    env = make_vec_env(bench.env_id, n_envs=bench.n_envs, seed=seed, monitor_dir=monitor_dir)
+    if bench.normalize:
+        env = VecNormalize(env, gamma=bench.ppo_kwargs.get("gamma", 0.99))
+    return env
+
+
+def all_benchmarks() -> dict[str, Benchmark]:
+    """Every benchmark by name: classic control first, then the text tasks."""
+    return {b.name: b for b in CLASSIC + text_benchmarks()}
+
+
+def train_and_evaluate(name: str, seed: int, timesteps: int, out: str, n_eval_episodes: int) -> dict[str, Any]:
+    """Train PPO on benchmark ``name`` for ``timesteps`` steps with ``seed``, then evaluate the final policy.
+
+    Takes the name, not the :class:`Benchmark`, because workers are separate processes and the
+    zoo's ``linear`` schedules (closures) do not pickle.
+
+    Evaluation is SB3's ``evaluate_policy`` on fresh envs seeded ``seed + 1000``: deterministic
+    actions for classic control (as rl-zoo's benchmark), sampled tokens for text (as
+    ``tests/test_synthetic.py``). Under ``VecNormalize`` the eval env gets the training observation
+    statistics (``sync_envs_normalization``) and keeps them frozen (``training=False``), with raw rewards.
+
+    :return: ``dict(name, seed, timesteps, score, score_std, wall_s, monitor_dir)``; ``score`` is the
+        mean episodic return over ``n_eval_episodes``, ``wall_s`` the seconds of training plus evaluation.
+    """
+    import torch
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.evaluation import evaluate_policy
+    from stable_baselines3.common.vec_env import VecNormalize, sync_envs_normalization
+
+    torch.set_num_threads(1)  # small networks; one thread per worker process, workers in parallel
+    start = time.perf_counter()
+    bench = all_benchmarks()[name]
+    monitor_dir = os.path.join(out, "monitor", bench.name, f"seed{seed}")
+    env = make_env(bench, seed, monitor_dir)
+    if bench.text:
+        from agents import TransformerPolicy
+        policy = TransformerPolicy
+    else:
+        policy = "MlpPolicy"
+    model = PPO(policy, env, seed=seed, verbose=0, tensorboard_log=os.path.join(out, "tensorboard"),
+                **bench.ppo_kwargs)
+    model.learn(total_timesteps=timesteps, tb_log_name=f"{bench.name}_seed{seed}")
+
+    eval_env = make_env(bench, seed + 1000)
+    if isinstance(eval_env, VecNormalize):
+        eval_env.training, eval_env.norm_reward = False, False
+        sync_envs_normalization(env, eval_env)
+    mean, std = evaluate_policy(model, eval_env, n_eval_episodes=n_eval_episodes, deterministic=not bench.text)
+    return dict(name=bench.name, seed=seed, timesteps=timesteps, score=float(mean), score_std=float(std),
+                wall_s=time.perf_counter() - start, monitor_dir=monitor_dir)
+
+
+def run_all(jobs: Sequence[tuple[Benchmark, int, int]], out: str, workers: int, n_eval_episodes: dict[bool, int]):
+    """Run every ``(benchmark, seed, timesteps)`` job in ``workers`` processes.
+
+    Classic control first, most steps first, then the text tasks (each under a minute), so that
+    the short jobs fill the end. Workers are spawned (not forked), so each imports torch afresh and
+    sets one thread. Prints each run's score as it finishes.
+
+    :return: the result dicts of :func:`train_and_evaluate`, in the order of ``jobs``.
+    """
+    import multiprocessing
+
+    order = sorted(range(len(jobs)), key=lambda i: (jobs[i][0].text, -jobs[i][2]))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(train_and_evaluate, jobs[i][0].name, jobs[i][1], jobs[i][2], out,
+                               n_eval_episodes[jobs[i][0].text]): i for i in order}
+        results = [None] * len(jobs)
+        for future in as_completed(futures):
+            r = results[futures[future]] = future.result()
+            print(f"  {r['name']:<16} seed {r['seed']}: {r['score']:9.3f} ({r['wall_s']:.0f} s)", flush=True)
+    return results
+
+
+# --- reporting: table and learning curves --------------------------------------------------------
+
+def random_policy_score(env_id: str, n_episodes: int = 20, seed: int = 0) -> float:
+    """Mean episodic return of uniformly random actions (``action_space.sample()``), for classic control."""
+    import gymnasium as gym
+
+    env = gym.make(env_id)
+    env.action_space.seed(seed)
+    total = 0.0
+    for episode in range(n_episodes):
+        env.reset(seed=seed + episode)
+        done = False
+        while not done:
+            _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+            total += float(reward)
+            done = terminated or truncated
+    return total / n_episodes
+
+
+def results_table(benches: Sequence[Benchmark], results: Sequence[dict[str, Any]]) -> str:
+    """Markdown table: task, steps (ours / zoo's), our mean +/- std over seeds, reference, chance, wall time.
+
+    *ours*: mean and standard deviation over seeds of each seed's mean evaluation return.
+    *chance*: the text task's exact chance level; for classic control, the measured mean return
+    of uniformly random actions (20 episodes). *wall*: seconds per seed (training and evaluation,
+    one worker process), mean over seeds.
+    """
+    lines = ["| task | steps (ours / zoo) | ours: mean ± std over seeds | seeds | reference | chance / random | wall s per seed |",
+             "|---|---|---|---|---|---|---|"]
+    for bench in benches:
+        rows = [r for r in results if r["name"] == bench.name]
+        if not rows:
+            continue
+        scores = np.array([r["score"] for r in rows])
+        steps = f"{rows[0]['timesteps']:,}" + (f" / {bench.zoo_timesteps:,}" if bench.zoo_timesteps else "")
+        chance = bench.chance if bench.text else random_policy_score(bench.env_id)
+        digits = 3 if bench.text else 1
+        lines.append(f"| {bench.name} | {steps} | {scores.mean():.{digits}f} ± {scores.std():.{digits}f} | {len(rows)} "
+                     f"| {bench.reference} | {chance:.{digits}f} | {np.mean([r['wall_s'] for r in rows]):.0f} |")
+    return "\n".join(lines)
+
+
+def monitor_episodes(monitor_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every training episode of one run from its Monitor files: (environment steps at its end, return).
+
+    What SB3's ``results_plotter.load_results`` + ``ts2xy(..., "timesteps")`` compute, without
+    their pandas dependency: the rows of all ``*.monitor.csv`` files (columns ``r, l, t``),
+    ordered by wall time of the episode's end (``t_start`` from each file's JSON header + ``t``),
+    x = cumulative sum of episode lengths ``l``.
+    """
+    runs = []
+    for path in sorted(Path(monitor_dir).glob("*.monitor.csv")):
+        header, _columns, *lines = path.read_text().splitlines()  # '#{"t_start": ...}', 'r,l,t', rows
+        if lines:
+            rows = np.loadtxt(lines, delimiter=",", ndmin=2)
+            rows[:, 2] += json.loads(header.lstrip("#"))["t_start"]
+            runs.append(rows)
+    rows = np.concatenate(runs)
+    rows = rows[np.argsort(rows[:, 2], kind="stable")]
+    return np.cumsum(rows[:, 1]), rows[:, 0]
+
+
+def learning_curve(monitor_dir: str, grid: np.ndarray, window: int = 20) -> np.ndarray:
+    """Training episodic return of one run on the step ``grid`` (steps).
+
+    Moving average over ``window`` episodes (fewer when the run has under 5 * ``window`` episodes),
+    placed at the step where the window's last episode ended, interpolated onto ``grid``.
+    """
+    x, y = monitor_episodes(monitor_dir)
+    window = max(1, min(window, len(x) // 5))
+    y = np.convolve(y, np.ones(window) / window, mode="valid")
+    return np.interp(grid, x[window - 1:], y)
+
+
+def plot_curves(benches: Sequence[Benchmark], results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    """Save ``learning_curves.png`` (one panel per task) and ``curve_<task>.png`` under ``out``.
+
+    Each panel: mean +/- std over seeds of the smoothed training return vs environment steps,
+    with the reference score (dashed) and chance / random level (dotted) where known.
+
+    :return: the written paths, the combined figure first.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benches = [b for b in benches if any(r["name"] == b.name for r in results)]
+    cols = min(3, len(benches))
+    rows = -(-len(benches) // cols)
+    combined, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    paths = [out / "learning_curves.png"]
+    for bench, ax in zip(benches, axes.flat):
+        runs = [r for r in results if r["name"] == bench.name]
+        grid = np.linspace(0, runs[0]["timesteps"], 100)
+        curves = np.stack([learning_curve(r["monitor_dir"], grid) for r in runs])
+        single, single_ax = plt.subplots(figsize=(5, 3.5))
+        for a in (ax, single_ax):
+            a.plot(grid, curves.mean(0), label=f"PPO ({len(runs)} seeds)")
+            a.fill_between(grid, curves.mean(0) - curves.std(0), curves.mean(0) + curves.std(0), alpha=0.3)
+            reference = float(bench.reference.split()[0])
+            a.axhline(reference, ls="--", c="k", lw=1, label="optimum" if bench.text else "rl-zoo")
+            if bench.chance is not None:
+                a.axhline(bench.chance, ls=":", c="gray", lw=1, label="chance")
+            a.set(title=bench.name, xlabel="environment steps", ylabel="episodic return (train)")
+            a.ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
+            a.legend(fontsize=7, loc="lower right")
+        single.tight_layout()
+        paths.append(out / f"curve_{bench.name}.png")
+        single.savefig(paths[-1], dpi=80)
+        plt.close(single)
+    for ax in list(axes.flat)[len(benches):]:
+        ax.axis("off")
+    combined.tight_layout()
+    combined.savefig(paths[0], dpi=72)
+    plt.close(combined)
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="short budgets (each task's quick_timesteps); default tasks CartPole-v1 and keyword, seeds 0 1")
+    parser.add_argument("--seeds", type=int, nargs="+", help="PPO seeds (default: 0 1 2; --quick: 0 1)")
+    parser.add_argument("--tasks", nargs="+", help="subset of task names (default: all; --quick: CartPole-v1 keyword)")
+    parser.add_argument("--out", default="runs/compare_baselines", help="output directory")
+    parser.add_argument("--workers", type=int, default=2, help="parallel worker processes")
+    args = parser.parse_args(argv)
+
+    by_name = all_benchmarks()
+    benches = list(by_name.values())
+    if args.tasks:
+        unknown = sorted(set(args.tasks) - set(by_name))
+        if unknown:
+            parser.error(f"unknown task(s) {unknown}; choose from {sorted(by_name)}")
+        benches = [b for b in benches if b.name in args.tasks]
+    elif args.quick:
+        benches = [by_name["CartPole-v1"], by_name["keyword"]]
+    if not box2d_available() and any(b.name.startswith("LunarLander") for b in benches):
+        print('LunarLander-v3 left out: Box2D is not installed (pip install "gymnasium[box2d]").')
+        benches = [b for b in benches if not b.name.startswith("LunarLander")]
+    seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    start = time.perf_counter()
+    jobs = [(b, seed, b.quick_timesteps if args.quick else b.total_timesteps) for b in benches for seed in seeds]
+    print(f"{len(jobs)} runs ({len(benches)} tasks x {len(seeds)} seeds) in {args.workers} processes; "
+          f"logs under {out}/", flush=True)
+    results = run_all(jobs, str(out), args.workers, n_eval_episodes={False: 10, True: 40})
+    table = results_table(benches, results)
+    paths = plot_curves(benches, results, out)
+    wall = time.perf_counter() - start
+
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(dict(wall_s=wall, quick=args.quick, results=results), indent=1))
+    print()
+    print(table)
+    print(f"\nClassic-control hyperparameters: {ZOO_SOURCE}. {BUDGET_NOTE}")
+    print(f"Total wall time {wall:.0f} s ({wall / 60:.1f} min). Plots: {', '.join(str(p) for p in paths[:1])} "
+          f"(+{len(paths) - 1} per task); TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+
+
+if __name__ == "__main__":
+    main()

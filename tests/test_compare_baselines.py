@@ -1,0 +1,133 @@
+"""examples/compare_baselines.py: quick mode learns (CartPole-v1, keyword task) and writes its table, plots and logs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from textgym import TASKS
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "compare_baselines.py"
+
+CARTPOLE_RANDOM = 22.0
+"""Mean CartPole-v1 return of uniformly random actions (about 22; the script measures it, column 'chance / random')."""
+
+CARTPOLE_MIN = 100.0
+"""Every quick-run CartPole-v1 seed must reach this, both in evaluation and in its last training episodes.
+
+4.5x the random policy. With the zoo's hyperparameters and the quick budget (2e4 steps, a fifth of
+the zoo's), seeds 0/1 scored 424.2/157.1 in evaluation (10 deterministic episodes) and 227.7/148.0
+over their last 20 training episodes (sampled actions) on the development machine. Both are checked
+because deterministic CartPole can be lucky: after a single rollout (256 steps) seed 0 already
+scored 418.1 in evaluation, but 17.1 in training episodes (seed 1: 9.4 and 20.3).
+"""
+
+LAST_EPISODES = 20
+"""Training episodes at the end of each run whose mean return (Monitor files) is checked."""
+
+MIN_GAP_CLOSED = 0.8
+"""The keyword task must close 80% of the chance-to-optimum gap, every seed (as tests/test_synthetic.py).
+
+Seeds 0/1 scored 1.000/1.000 after the quick budget (6,000 steps, the task's recommended one), in
+evaluation (40 sampled episodes) and over their last 20 training episodes; chance is 0.086, so the
+threshold is 0.817. After a single rollout (128 steps) they scored 0.119/0.100.
+"""
+
+
+def load_script():
+    """The script as a module (``examples/`` is not a package)."""
+    spec = importlib.util.spec_from_file_location("compare_baselines", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """Run ``python examples/compare_baselines.py --quick`` once: (out dir, stdout, results.json)."""
+    out = tmp_path_factory.mktemp("compare_baselines")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TEXTGYM_CACHE": str(out / "textgym_cache")}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return out, proc.stdout, json.loads((out / "results.json").read_text())
+
+
+def scores(results: dict, name: str) -> dict[int, float]:
+    return {r["seed"]: r["score"] for r in results["results"] if r["name"] == name}
+
+
+def last_training_return(out: Path, name: str, seed: int) -> float:
+    """Mean return of the run's last LAST_EPISODES training episodes, from its Monitor files."""
+    _, returns = load_script().monitor_episodes(str(out / "monitor" / name / f"seed{seed}"))
+    return float(np.mean(returns[-LAST_EPISODES:]))
+
+
+def test_quick_cartpole_learns(quick_run):
+    out, _, results = quick_run
+    cartpole = scores(results, "CartPole-v1")
+    assert sorted(cartpole) == [0, 1]
+    training = {seed: last_training_return(out, "CartPole-v1", seed) for seed in cartpole}
+    assert min(cartpole.values()) >= CARTPOLE_MIN, f"CartPole-v1 quick evaluation: {cartpole} (random ~{CARTPOLE_RANDOM})"
+    assert min(training.values()) >= CARTPOLE_MIN, f"CartPole-v1 quick training: {training} (random ~{CARTPOLE_RANDOM})"
+
+
+def test_quick_keyword_learns(quick_run):
+    out, _, results = quick_run
+    task = TASKS["keyword"]
+    threshold = task.chance + MIN_GAP_CLOSED * (task.optimum - task.chance)
+    keyword = scores(results, "keyword")
+    assert sorted(keyword) == [0, 1]
+    training = {seed: last_training_return(out, "keyword", seed) for seed in keyword}
+    assert min(keyword.values()) >= threshold, f"keyword quick evaluation: {keyword} < {threshold:.3f} (chance {task.chance})"
+    assert min(training.values()) >= threshold, f"keyword quick training: {training} < {threshold:.3f}"
+
+
+def test_quick_writes_table_plots_and_logs(quick_run):
+    out, stdout, results = quick_run
+    table = (out / "results.md").read_text()
+    assert table.strip() in stdout
+    header, rule, *rows = table.strip().splitlines()
+    assert header.startswith("| task | steps")
+    assert [row.split("|")[1].strip() for row in rows] == ["CartPole-v1", "keyword"]
+    # The table's mean +/- std is that of the per-seed scores in results.json.
+    for row, name, digits in [(rows[0], "CartPole-v1", 1), (rows[1], "keyword", 3)]:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        values = list(scores(results, name).values())
+        assert cells[1] == ("20,000 / 100,000" if name == "CartPole-v1" else "6,000")
+        assert cells[2] == f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+        assert cells[3] == "2"
+    assert rows[1].split("|")[6].strip() == f"{TASKS['keyword'].chance:.3f}"
+
+    for name in ["learning_curves.png", "curve_CartPole-v1.png", "curve_keyword.png"]:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(data) < 200_000, name
+    runs = sorted(p.name for p in (out / "tensorboard").iterdir())
+    assert runs == ["CartPole-v1_seed0_1", "CartPole-v1_seed1_1", "keyword_seed0_1", "keyword_seed1_1"]
+    assert all(any(p.name.startswith("events.out.tfevents") for p in (out / "tensorboard" / r).iterdir()) for r in runs)
+
+
+def test_monitor_episodes_orders_envs_by_wall_time(tmp_path):
+    script = load_script()
+    # Two envs' Monitor files (columns r, l, t); env 1 started 1 s later, so its episode ending at
+    # t = 0.5 (absolute 1.5) comes after env 0's at t = 1.0 and before env 0's at t = 2.0.
+    (tmp_path / "0.monitor.csv").write_text('#{"t_start": 100.0, "env_id": "x"}\nr,l,t\n1.0,10,1.0\n3.0,30,2.0\n')
+    (tmp_path / "1.monitor.csv").write_text('#{"t_start": 101.0, "env_id": "x"}\nr,l,t\n2.0,20,0.5\n')
+    steps, returns = script.monitor_episodes(str(tmp_path))
+    np.testing.assert_array_equal(steps, [10, 30, 60])
+    np.testing.assert_array_equal(returns, [1.0, 2.0, 3.0])
+    # Window of 1 (3 episodes < 5 * window): plain interpolation, held constant outside the data.
+    np.testing.assert_allclose(script.learning_curve(str(tmp_path), np.array([0, 20, 45, 100])), [1.0, 1.5, 2.5, 3.0])
+
+
+def test_unknown_task_is_rejected():
+    with pytest.raises(SystemExit):
+        load_script().main(["--tasks", "CartPole-v1", "NoSuchTask-v0"])
