@@ -9,6 +9,7 @@ from gymnasium.envs.registration import register
 from textgym.assets import DEFAULT_MODEL, AssetError
 from textgym.env import TextGenEnv
 from textgym.prompts import movie_review_prompts
+from textgym.reward_model import FineTunedRewardModel
 from textgym.rewards import SentimentRewardModel, SequenceClassifierReward
 from textgym.spaces import TokenWindowSpace
 
@@ -21,6 +22,7 @@ register_synthetic_tasks()  # TextGen-Keyword-v0, -Copy-v0, -Reverse-v0, -Increa
 __all__ = [
     "DEFAULT_MODEL",
     "AssetError",
+    "FineTunedRewardModel",
     "TASKS",
     "SentimentRewardModel",
     "SequenceClassifierReward",

@@ -137,9 +137,29 @@ class SequenceClassifierReward:
 
 
 @functools.lru_cache(maxsize=1)
-def default_reward_model() -> SentimentRewardModel:
-    """The default :class:`SentimentRewardModel`, loaded once per process and shared by all envs."""
+def sentiment_head_reward_model() -> SentimentRewardModel:
+    """The frozen-encoder :class:`SentimentRewardModel` (the default until the fine-tuned model),
+    loaded once per process and shared by all envs."""
     return SentimentRewardModel()
+
+
+@functools.lru_cache(maxsize=1)
+def finetuned_reward_model() -> Any:
+    """The shipped :class:`textgym.reward_model.FineTunedRewardModel` (all-MiniLM-L6-v2 + LoRA +
+    head, fitted by ``python -m textgym.train_reward_model``), loaded once per process.
+
+    :raises textgym.assets.AssetError: the encoder could not be fetched.
+    """
+    from textgym.reward_model import FineTunedRewardModel
+
+    return FineTunedRewardModel.pretrained()
+
+
+def default_reward_model() -> Any:
+    """The default reward model of ``TextGen-v0``, loaded once per process and shared by all envs:
+    the fine-tuned :func:`finetuned_reward_model` (held-out sign accuracy above the frozen head's,
+    see ``textgym/data/reward_model/reward_head.json``)."""
+    return finetuned_reward_model()
 
 
 @functools.lru_cache(maxsize=4)
@@ -150,7 +170,7 @@ def _classifier(name_or_path: str) -> SequenceClassifierReward:
 def as_reward_fn(reward_model: Any = None) -> RewardFn:
     """Turn the accepted kinds of reward model into a callable.
 
-    :param reward_model: ``None`` or ``"sentiment"`` (the default :class:`SentimentRewardModel`);
+    :param reward_model: ``None`` or ``"sentiment"`` (the default, :func:`default_reward_model`);
         another string: hub id or path of an ``AutoModelForSequenceClassification``
         (:class:`SequenceClassifierReward`); or a callable ``(prompts, completions) -> floats``.
     :return: the reward callable (string-loaded models are shared within a process).

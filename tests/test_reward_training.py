@@ -1,0 +1,227 @@
+"""Reward-model training: Bradley-Terry loss, pair construction, metrics, a tiny training run,
+save/load, and (slow) the shipped fine-tuned reward model on the real assets."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig
+from transformers import BertConfig, BertModel, BertTokenizer
+
+from textgym.reward_model import HEAD_FILE, FineTunedRewardModel
+from textgym.train_reward_model import (
+    RewardTrainingConfig,
+    bradley_terry_loss,
+    pairwise_accuracy,
+    preference_pairs,
+    reward_loss,
+    sign_accuracy,
+    train,
+)
+
+POSITIVE = {"good": 1.0, "great": 2.0, "superb": 3.0}
+NEGATIVE = {"bad": -1.0, "awful": -2.0, "dreadful": -3.0}
+FILLER = ["the", "film", "movie", "plot", "was", "is", "and", "a"]
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER]
+
+
+def log_sigmoid_by_hand(x: float) -> float:
+    return math.log(1.0 / (1.0 + math.exp(-x)))
+
+
+def test_bradley_terry_loss_is_minus_log_sigmoid_of_the_margin():
+    chosen, rejected = torch.tensor([2.0, 0.5, 3.0]), torch.tensor([1.0, 1.5, -0.25])
+    expected = -(log_sigmoid_by_hand(1.0) + log_sigmoid_by_hand(-1.0) + log_sigmoid_by_hand(3.25)) / 3
+    assert bradley_terry_loss(chosen, rejected).item() == pytest.approx(expected, rel=1e-6)
+    # stable for large margins: exp(-200) underflows, the loss must not become inf or nan
+    assert bradley_terry_loss(torch.tensor([100.0]), torch.tensor([-100.0])).item() == pytest.approx(0.0, abs=1e-30)
+    assert bradley_terry_loss(torch.tensor([-100.0]), torch.tensor([100.0])).item() == pytest.approx(200.0)
+    with pytest.raises(ValueError, match="same shape"):
+        bradley_terry_loss(torch.zeros(2), torch.zeros(3))
+    with pytest.raises(ValueError, match="no pairs"):
+        bradley_terry_loss(torch.zeros(0), torch.zeros(0))
+
+
+def test_preference_pairs_skip_ties_and_point_from_higher_to_lower_rating():
+    ratings = torch.tensor([1.0, -2.0, 1.0, 3.0])
+    chosen, rejected = preference_pairs(ratings)
+    assert chosen.dtype == rejected.dtype == torch.int64
+    pairs = set(zip(chosen.tolist(), rejected.tolist()))
+    assert pairs == {(0, 1), (2, 1), (3, 0), (3, 1), (3, 2)}  # (0, 2) tie left out, each pair once
+    assert bool((ratings[chosen] > ratings[rejected]).all())
+    chosen, rejected = preference_pairs(ratings, min_margin=2.5)
+    assert set(zip(chosen.tolist(), rejected.tolist())) == {(0, 1), (2, 1), (3, 1)}
+    with pytest.raises(ValueError, match="1-D"):
+        preference_pairs(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="NaN"):
+        preference_pairs(torch.tensor([0.0, float("nan")]))
+    with pytest.raises(ValueError, match="min_margin"):
+        preference_pairs(ratings, min_margin=-1.0)
+
+
+def test_reward_loss_adds_a_sign_term_that_ignores_zero_ratings():
+    scores, ratings = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([1.0, 0.0, -0.5])
+    config = RewardTrainingConfig(sign_weight=0.5)
+    losses = reward_loss(scores, ratings, config)
+    bt = -(log_sigmoid_by_hand(0.5 - 2.0) + log_sigmoid_by_hand(0.5 + 1.0) + log_sigmoid_by_hand(-1.0 - 2.0)) / 3
+    sign = -(log_sigmoid_by_hand(0.5) + log_sigmoid_by_hand(-2.0)) / 2  # rating 0 has no sign
+    assert losses["bt"].item() == pytest.approx(bt, rel=1e-6)
+    assert losses["sign"].item() == pytest.approx(sign, rel=1e-6)
+    assert losses["loss"].item() == pytest.approx(bt + 0.5 * sign, rel=1e-6)
+    with_regression = reward_loss(scores, ratings, RewardTrainingConfig(sign_weight=0.5, regression_weight=2.0))
+    mse = ((0.5 - 1.0) ** 2 + 1.0 + 2.5 ** 2) / 3
+    assert with_regression["loss"].item() == pytest.approx(bt + 0.5 * sign + 2.0 * mse, rel=1e-6)
+
+
+def test_accuracies_count_by_hand():
+    ratings = np.array([2.0, -1.0, 0.0, 2.0])
+    scores = np.array([1.0, -0.5, 0.3, 0.3])
+    # pairs with different ratings: (0,1) right, (0,2) right, (1,2) right, (1,3) right, (2,3) score tie -> 1/2
+    assert pairwise_accuracy(scores, ratings) == pytest.approx(4.5 / 5)
+    # signed items 0, 1, 3: all agree; item 2 (rating 0) is not counted
+    assert sign_accuracy(scores, ratings) == 1.0
+    assert sign_accuracy(-scores, ratings) == 0.0
+    with pytest.raises(ValueError, match="no pair"):
+        pairwise_accuracy(np.zeros(3), np.ones(3))
+    with pytest.raises(ValueError, match="every rating is 0"):
+        sign_accuracy(np.ones(2), np.zeros(2))
+
+
+@pytest.fixture
+def tiny_encoder_dir(tmp_path):
+    """A tiny random BERT (2 layers, 32 wide) and a word-level tokenizer, saved like a hub model."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32)
+    BertModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "encoder")
+    BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)}).save_pretrained(tmp_path / "encoder")
+    return tmp_path / "encoder"
+
+
+def tiny_reward_model(encoder_dir) -> FineTunedRewardModel:
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "key", "value", "dense"])
+    return FineTunedRewardModel.from_encoder(AutoModel.from_pretrained(encoder_dir, add_pooling_layer=False),
+                                             AutoTokenizer.from_pretrained(encoder_dir), lora, max_length=16)
+
+
+def rated_sentences(n: int = 64, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """Sentences of filler words and 1-2 sentiment words; rating = sum of the sentiment words' values."""
+    rng = np.random.default_rng(seed)
+    polar = {**POSITIVE, **NEGATIVE}
+    texts, ratings = [], []
+    for _ in range(n):
+        words = list(rng.choice(list(polar), size=rng.integers(1, 3))) + list(rng.choice(FILLER, size=3))
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        ratings.append(sum(polar.get(w, 0.0) for w in words))
+    return texts, np.array(ratings)
+
+
+def full_loss(model, texts, ratings, config) -> float:
+    with torch.no_grad():
+        return reward_loss(torch.as_tensor(model.score_texts(texts)), torch.as_tensor(ratings, dtype=torch.float32),
+                           config)["loss"].item()
+
+
+def test_training_a_tiny_bert_lowers_the_loss_and_orders_the_pairs(tiny_encoder_dir):
+    torch.set_num_threads(1)
+    texts, ratings = rated_sentences()
+    model = tiny_reward_model(tiny_encoder_dir)
+    config = RewardTrainingConfig(batch_size=16, max_steps=40, learning_rate=1e-2, warmup_fraction=0.0,
+                                  max_length=16, log_every=1000)
+    before_loss = full_loss(model, texts, ratings, config)
+    before_acc = pairwise_accuracy(model.score_texts(texts), ratings)
+    history = train(model, texts, ratings, config, log=lambda _: None)
+    assert len(history) == 40 and [h["step"] for h in history[:2]] == [1, 2]
+    after_scores = model.score_texts(texts)
+    assert full_loss(model, texts, ratings, config) < before_loss - 0.3
+    assert pairwise_accuracy(after_scores, ratings) > max(before_acc + 0.2, 0.85)
+    assert sign_accuracy(after_scores, ratings) > 0.85
+    # only the adapter and the head were trained: the frozen base weights are unchanged
+    base = BertModel.from_pretrained(tiny_encoder_dir, add_pooling_layer=False)
+    tuned = model.encoder.get_base_model()
+    torch.testing.assert_close(tuned.encoder.layer[0].attention.self.query.base_layer.weight,
+                               base.encoder.layer[0].attention.self.query.weight, rtol=0, atol=0)
+
+
+def test_training_is_seeded(tiny_encoder_dir):
+    torch.set_num_threads(1)
+    texts, ratings = rated_sentences(32)
+    config = RewardTrainingConfig(batch_size=8, max_steps=5, learning_rate=1e-2, max_length=16, log_every=1000)
+    runs = []
+    for _ in range(2):
+        model = tiny_reward_model(tiny_encoder_dir)
+        train(model, texts, ratings, config, log=lambda _: None)
+        runs.append(model.score_texts(texts))
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_save_load_round_trip_gives_identical_scores(tiny_encoder_dir, tmp_path):
+    torch.set_num_threads(1)
+    texts, ratings = rated_sentences(32)
+    model = tiny_reward_model(tiny_encoder_dir)
+    model.info = {"note": "tiny"}
+    train(model, texts, ratings, RewardTrainingConfig(batch_size=8, max_steps=5, learning_rate=1e-2,
+                                                      max_length=16, log_every=1000), log=lambda _: None)
+    expected = model.score_texts(texts)
+    saved = model.save(tmp_path / "rm")
+    assert {p.name for p in saved.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", HEAD_FILE}
+    assert json.loads((saved / "adapter_config.json").read_text())["base_model_name_or_path"].startswith("all-MiniLM")
+    unmerged = FineTunedRewardModel.load(saved, encoder_path=tiny_encoder_dir, merge=False)
+    np.testing.assert_array_equal(unmerged.score_texts(texts), expected)
+    assert unmerged.info == {"note": "tiny"} and unmerged.max_length == 16
+    merged = FineTunedRewardModel.load(saved, encoder_path=tiny_encoder_dir)
+    np.testing.assert_allclose(merged.score_texts(texts), expected, rtol=0, atol=1e-5)
+    # the reward-model contract: one float32 score per (prompt, completion), of prompt + completion
+    got = merged(["good film", "the plot"], [" and superb", " was dreadful"])
+    assert got.dtype == np.float32 and got.shape == (2,)
+    np.testing.assert_array_equal(got, merged.score_texts(["good film and superb", "the plot was dreadful"]))
+    with pytest.raises(ValueError, match="2 prompts but 1 completions"):
+        merged(["a", "b"], ["c"])
+    with pytest.raises(TypeError, match="merged"):
+        merged.save(tmp_path / "again")
+    (saved / HEAD_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=HEAD_FILE):
+        FineTunedRewardModel.load(saved, encoder_path=tiny_encoder_dir)
+
+
+def test_bad_construction_is_refused(tiny_encoder_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    lora = LoraConfig(r=2, target_modules=["query"])
+    encoder = AutoModel.from_pretrained(tiny_encoder_dir, add_pooling_layer=False)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder_dir)
+    with pytest.raises(ValueError, match="32 entries"):
+        FineTunedRewardModel.from_encoder(encoder, tokenizer, lora, head_weight=[0.0] * 31)
+    with pytest.raises(ValueError, match=r"Linear\(32, 1\)"):
+        FineTunedRewardModel(encoder, tokenizer, torch.nn.Linear(32, 2))
+    model = FineTunedRewardModel(encoder, tokenizer, torch.nn.Linear(32, 1))
+    with pytest.raises(ValueError, match="non-empty list of strings"):
+        model.forward([])
+    with pytest.raises(ValueError, match="need >= 2 texts"):
+        train(model, ["good"], np.array([1.0]), RewardTrainingConfig())
+
+
+@pytest.mark.slow
+def test_shipped_reward_model_scores_the_real_held_out_sentences():
+    from textgym import assets
+
+    torch.set_num_threads(1)
+    model = FineTunedRewardModel.pretrained()
+    info = model.info
+    assert info["split"] == "held out: sentence id % 5 == 0" and info["test_sign_accuracy"] > 0.785
+    held_out = [s for s in assets.movie_review_sentences() if assets.is_held_out(s.id)]
+    scores = model.score_texts([s.text for s in held_out])
+    ratings = np.array([s.rating for s in held_out])
+    # the merged model reproduces the figures recorded at training time (up to float rounding)
+    assert sign_accuracy(scores, ratings) == pytest.approx(info["test_sign_accuracy"], abs=0.002)
+    assert pairwise_accuracy(scores, ratings) == pytest.approx(info["test_pairwise_accuracy"], abs=0.002)
+    good, bad = model(["This film is"] * 2, [" a wonderful, moving triumph.", " a dull, lifeless mess."])
+    assert good > 0 > bad
