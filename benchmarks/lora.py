@@ -106,8 +106,8 @@ def main() -> None:
     lora_name = f"LoRA r={args.r} on {', '.join(args.target_modules)}"
     print(f"\nSmolLM2-135M-Instruct, {args.n_envs} envs, {args.max_new_tokens} new tokens, text_ppo_kwargs() defaults "
           f"({rows[0]['transitions']} transitions per iteration), KL penalty beta 0.05; mean of {args.iterations} "
-          f"iterations after {args.warmup} warm-up; torch threads {args.threads}. Timings were taken on a shared machine "
-          "(other jobs ran on the same cores): compare rows, not absolute seconds.\n")
+          f"iterations after {args.warmup} warm-up; torch threads {args.threads}. Run it alone: "
+          "on 2 cores a second busy process makes multi-threaded torch many times slower.\n")
     print("| setting | trainable parameters | KL reference | peak RSS (MiB) | rollout (s/iter) | KL reference (s/iter) "
           "| update (s/iter) | total (s/iter) |")
     print("|---|---|---|---|---|---|---|---|")

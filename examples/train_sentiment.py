@@ -9,7 +9,7 @@ whether reward rose while KL and perplexity stayed within bounds: KL per episode
 ``--max-kl`` (default: twice the KL controller's target) and perplexity under the reference at
 most ``--max-perplexity-ratio`` times the reference's own (default 1.5)::
 
-    python examples/train_sentiment.py                 # ~9-10 min on a 2-core CPU
+    python examples/train_sentiment.py                 # ~11 min on a 2-core CPU
     python examples/train_sentiment.py --lora-r 16 --learning-rate 1e-4   # LoRA adapters on q_proj, v_proj
     tensorboard --logdir runs/
 """

@@ -1,0 +1,297 @@
+"""Rollout, update and per-iteration cost against their practical limits. Prints markdown tables.
+
+    python benchmarks/performance.py                  # tiny GPT-2 and SmolLM2-135M, ~12 min on 2 cores
+    python benchmarks/performance.py --models tiny    # about a minute
+    python benchmarks/performance.py --tables update  # one table
+
+Every case runs in a fresh subprocess, so its peak RSS is its own. Tables:
+
+1. **Rollout**: bytes per stored transition (ours vs SB3's ``DictRolloutBuffer``) and generated tokens/s through SB3's ``PPO.collect_rollouts`` (KV-cached, and with
+   ``kv_cache=False``) vs ``model.generate`` of the same LM, batch (``n_envs`` rows), length
+   (``T`` new tokens, no early EOS), sampling (plain ancestral, temperature 1) and KV cache, in
+   the same process. Target: cached rollout >= 0.8 x generate. The env's reward model is a
+   constant here, so the table compares decoding alone (reward-model cost is in table 3).
+2. **Update**: transitions/s of what ``PPO.train`` does per minibatch (``evaluate_actions`` +
+   backward) with one forward per episode vs one per transition (SB3's own ``evaluate_actions``,
+   timed on 64 transitions). Target: speed-up >= T / 2.
+3. **PPO iteration on the defaults** (``examples/train_sentiment.py``'s settings: SmolLM2-135M,
+   sentiment reward model, movie-review prompts, 8 envs, 16 new tokens, ``text_ppo_kwargs()``,
+   KL penalty): seconds per iteration split into rollout (policy + env), reward model,
+   reference model and update.
+4. **Torch threads**: the first rollout and update case of the last model with 1 and 2 threads.
+
+Run it alone: on 2 cores, a second busy process makes multi-threaded torch many times slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+def zero_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """Constant reward: keeps the reward model out of the decoding comparison."""
+    return [0.0] * len(prompts)
+
+
+def rollout_env_kwargs(model: str, tmp: str, max_new_tokens: int) -> dict:
+    """Full-length episodes (no EOS), constant reward; the tiny GPT-2 or the default SmolLM2."""
+    from textgym.tiny import save_tiny_lm
+
+    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=None, reward_model=zero_reward)
+    if model == "tiny":
+        kwargs.update(model_name_or_path=str(save_tiny_lm(tmp, n_positions=128)), max_prompt_tokens=8,
+                      prompts=["the movie was", "a film is", "one two", "the film was very"])
+    return kwargs
+
+
+def timed_rollouts(ppo, n_rollouts: int) -> list[float]:
+    """Seconds of each of ``n_rollouts`` calls of SB3's ``collect_rollouts`` (``train`` skipped)."""
+    seconds: list[float] = []
+    collect = ppo.collect_rollouts
+
+    def timed_collect(*args, **kwargs):
+        start = time.perf_counter()
+        result = collect(*args, **kwargs)
+        seconds.append(time.perf_counter() - start)
+        return result
+
+    ppo.collect_rollouts, ppo.train = timed_collect, lambda: None
+    ppo.learn(n_rollouts * ppo.n_steps * ppo.n_envs)
+    return seconds
+
+
+def generate_seconds(lm, env, max_new_tokens: int, repeats: int) -> list[float]:
+    """Seconds of ``lm.generate`` on the env's next prompts: same batch, length and sampling as a rollout."""
+    from transformers import GenerationConfig
+
+    tokenizer = env.envs[0].unwrapped.tokenizer
+    prompts = [e.unwrapped.prompts[i % len(e.unwrapped.prompts)] for i, e in enumerate(env.envs)]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                              min_new_tokens=max_new_tokens, use_cache=True,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    seconds = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = lm.generate(**batch, generation_config=config)
+            seconds.append(time.perf_counter() - start)
+    assert out.shape[1] == batch["input_ids"].shape[1] + max_new_tokens
+    return seconds
+
+
+def case_rollout(model: str, n_envs: int, max_new_tokens: int) -> dict:
+    """Table 1: tokens/s of cached and uncached ``collect_rollouts`` and of ``generate``."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.buffers import DictRolloutBuffer
+    from stable_baselines3.common.env_util import make_vec_env
+
+    import textgym  # noqa: F401
+    from agents import TransformerPolicy, text_ppo_kwargs
+
+    tokens = n_envs * max_new_tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        env = make_vec_env("TextGen-v0", n_envs=n_envs, seed=0, env_kwargs=rollout_env_kwargs(model, tmp, max_new_tokens))
+        result = {}
+        for cached in (True, False):
+            ppo = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(
+                n_steps=max_new_tokens, policy_kwargs=dict(kv_cache=cached)))
+            # The first rollout warms up (allocations, lazy imports); the best of the others counts.
+            seconds = timed_rollouts(ppo, 3 if cached else 2)[1:]
+            result["cached" if cached else "uncached"] = tokens / min(seconds)
+        result["bytes"] = ppo.rollout_buffer.bytes_per_transition
+        sb3 = DictRolloutBuffer(1, env.observation_space, env.action_space)  # SB3's own storage, for comparison
+        result["sb3_bytes"] = sum(a.nbytes for a in (*sb3.observations.values(), sb3.actions, sb3.rewards, sb3.returns,
+                                                     sb3.episode_starts, sb3.values, sb3.log_probs, sb3.advantages))
+        result["generate"] = tokens / min(generate_seconds(ppo.policy.lm, env, max_new_tokens, repeats=3)[1:])
+    result["ratio"] = result["cached"] / result["generate"]
+    return result
+
+
+def time_epoch(policy, batches: list, grouped: bool) -> float:
+    """Seconds of ``evaluate_actions`` + backward over ``batches``, as ``PPO.train`` runs per minibatch."""
+    policy.share_prefix_forward = grouped
+    start = time.perf_counter()
+    for batch in batches:
+        policy.zero_grad()
+        values, log_prob, entropy = policy.evaluate_actions(batch.observations, batch.actions.long().flatten())
+        (values.sum() + log_prob.sum() + entropy.sum()).backward()
+    return time.perf_counter() - start
+
+
+def case_update(model: str, n_envs: int, max_new_tokens: int, batch_size: int = 128,
+                per_transition_rows: int = 64) -> dict:
+    """Table 2: transitions/s with one forward per episode vs one per transition, same minibatches.
+
+    The per-transition path is timed on the first ``per_transition_rows`` transitions of the first
+    minibatch only: an epoch of it costs minutes on SmolLM2, and a whole minibatch of 128 windows
+    with grad held 21 GB of activations at T = 64. Both rates are transitions per second.
+    """
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_vec_env
+
+    import textgym  # noqa: F401
+    from agents import TransformerPolicy, text_ppo_kwargs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        env = make_vec_env("TextGen-v0", n_envs=n_envs, seed=0, env_kwargs=rollout_env_kwargs(model, tmp, max_new_tokens))
+        n_steps = 2 * max_new_tokens
+        ppo = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=n_steps, batch_size=batch_size))
+        ppo.learn(n_steps * n_envs)
+        np.random.seed(0)
+        batches = list(ppo.rollout_buffer.get(batch_size))
+        count = lambda bs: sum(len(b.actions) for b in bs)  # noqa: E731
+        time_epoch(ppo.policy, batches[:1], grouped=True)  # warm-up
+        grouped = count(batches) / time_epoch(ppo.policy, batches, grouped=True)
+        first = batches[0]
+        rows = slice(0, per_transition_rows)
+        few = [first._replace(observations={k: v[rows] for k, v in first.observations.items()}, actions=first.actions[rows])]
+        per_transition = count(few) / time_epoch(ppo.policy, few, grouped=False)
+    return dict(transitions=count(batches), grouped=grouped, per_transition=per_transition,
+                speedup=grouped / per_transition)
+
+
+def case_iteration(n_envs: int, max_new_tokens: int, iterations: int) -> dict:
+    """Table 3: seconds per PPO iteration on the defaults, split by component."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_vec_env
+
+    import textgym  # noqa: F401
+    from agents import AdaptiveKLController, KLPenaltyCallback, TransformerPolicy, text_ppo_kwargs
+
+    env = make_vec_env("TextGen-v0", n_envs=n_envs, seed=0, env_kwargs=dict(max_new_tokens=max_new_tokens))
+    ppo = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs())
+    clock = {"reward model": 0.0, "reference model": 0.0, "update": 0.0, "collect": 0.0}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            clock[name] += time.perf_counter() - start
+            return result
+        return wrapper
+
+    for e in env.envs:
+        e.unwrapped.reward_fn = timed("reward model", e.unwrapped.reward_fn)
+    kl = KLPenaltyCallback(AdaptiveKLController(0.05, target=4.0))
+    kl._on_rollout_end = timed("reference model", kl._on_rollout_end)
+    ppo.collect_rollouts = timed("collect", ppo.collect_rollouts)
+    ppo.train = timed("update", ppo.train)
+    per_iteration = ppo.n_steps * n_envs
+    ppo.learn(per_iteration, callback=kl)  # warm-up iteration (and the reference model's loading)
+    for key in clock:
+        clock[key] = 0.0
+    ppo.learn(iterations * per_iteration, callback=kl, reset_num_timesteps=False)
+    seconds = {key: value / iterations for key, value in clock.items()}
+    # collect_rollouts includes the reward model (env.step) and the KL callback (rollout end).
+    seconds["rollout"] = seconds.pop("collect") - seconds["reward model"] - seconds["reference model"]
+    seconds["total"] = sum(seconds.values())
+    seconds["transitions"] = per_iteration
+    return seconds
+
+
+TABLES = ["rollout", "update", "iteration", "threads"]
+
+
+def run_case(args: argparse.Namespace, case: list, threads: int | None = None) -> dict:
+    """Run one case in a fresh interpreter (``threads`` torch threads, default ``--threads``); its result with ``peak_rss_mib``."""
+    command = [sys.executable, __file__, "--threads", str(threads or args.threads), "--case", json.dumps(case)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def child(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    kind, *params = json.loads(args.case)
+    result = {"rollout": case_rollout, "update": case_update, "iteration": case_iteration}[kind](*params)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def rollout_table(args: argparse.Namespace, results: dict) -> None:
+    print("Rollout: generated tokens/s (target: KV-cached collect_rollouts >= 0.8 x generate)\n")
+    print("| model | T | collect_rollouts, KV cache | collect_rollouts, no cache | generate | ratio cached / generate "
+          "| peak RSS (MiB) | buffer bytes/transition (SB3's DictRolloutBuffer) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for model in args.models:
+        for t in args.max_new_tokens:
+            r = results["rollout", model, t] = run_case(args, ["rollout", model, args.n_envs, t])
+            print(f"| {model} | {t} | {r['cached']:.1f} | {r['uncached']:.1f} | {r['generate']:.1f} | "
+                  f"{r['ratio']:.2f} | {r['peak_rss_mib']:.0f} | {r['bytes']:.0f} ({r['sb3_bytes']:.0f}) |", flush=True)
+
+
+def update_table(args: argparse.Namespace, results: dict) -> None:
+    print("\nUpdate: transitions/s of evaluate_actions + backward (target: speed-up >= T/2)\n")
+    print("| model | T | transitions | one forward per episode | one forward per transition (64 of them) | speed-up | T/2 "
+          "| peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for model in args.models:
+        for t in args.max_new_tokens:
+            r = results["update", model, t] = run_case(args, ["update", model, args.n_envs, t])
+            print(f"| {model} | {t} | {r['transitions']} | {r['grouped']:.1f} | {r['per_transition']:.1f} | "
+                  f"{r['speedup']:.1f}x | {t / 2:.0f} | {r['peak_rss_mib']:.0f} |", flush=True)
+
+
+def iteration_table(args: argparse.Namespace) -> None:
+    r = run_case(args, ["iteration", args.n_envs, 16, args.iterations])
+    print(f"\nPPO iteration on the defaults (SmolLM2-135M, {r['transitions']} transitions = {args.n_envs} envs x 32 "
+          f"steps, 16 new tokens, KL penalty): seconds per iteration, mean of {args.iterations}\n")
+    print("| rollout (policy + env) | reward model | reference model | update | total | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {r['rollout']:.2f} | {r['reward model']:.2f} | {r['reference model']:.2f} | {r['update']:.2f} | "
+          f"{r['total']:.2f} | {r['peak_rss_mib']:.0f} |")
+
+
+def threads_table(args: argparse.Namespace, results: dict) -> None:
+    model, t = args.models[-1], args.max_new_tokens[0]
+    print(f"\nTorch threads ({model}, T = {t}): the tables above used {args.threads}\n")
+    print("| threads | rollout, KV cache (tokens/s) | generate (tokens/s) | update, one forward per episode (transitions/s) |")
+    print("|---|---|---|---|")
+    for threads in sorted({1, 2, args.threads}):
+        rollout = results.get(("rollout", model, t)) if threads == args.threads else None
+        rollout = rollout or run_case(args, ["rollout", model, args.n_envs, t], threads)
+        update = results.get(("update", model, t)) if threads == args.threads else None
+        update = update or run_case(args, ["update", model, args.n_envs, t], threads)
+        print(f"| {threads} | {rollout['cached']:.1f} | {rollout['generate']:.1f} | {update['grouped']:.1f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=["tiny", "smollm2"])
+    parser.add_argument("--n-envs", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in every case")
+    parser.add_argument("--iterations", type=int, default=2, help="timed PPO iterations on the defaults")
+    parser.add_argument("--tables", nargs="+", default=TABLES, choices=TABLES,
+                        help="which tables; 'threads' re-runs the last model's first rollout and update case with 1 and 2 threads")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        return child(args)
+
+    import textgym
+
+    print(f"torch {torch.__version__}, {args.threads} torch threads, n_envs {args.n_envs}, textgym {textgym.__version__}, "
+          f"{torch.get_num_interop_threads()} interop threads, CPU count {len(__import__('os').sched_getaffinity(0))}\n")
+    results: dict[tuple, dict] = {}
+    if "rollout" in args.tables:
+        rollout_table(args, results)
+    if "update" in args.tables:
+        update_table(args, results)
+    if "iteration" in args.tables and "smollm2" in args.models:
+        iteration_table(args)
+    if "threads" in args.tables:
+        threads_table(args, results)
+
+
+if __name__ == "__main__":
+    main()
