@@ -110,6 +110,20 @@ class RolloutKVCache:
         # Listed anew at every clear (each rollout start), so adapters added later are watched too.
         self._parameters = list(self.lm.parameters())
 
+    def check(self) -> None:
+        """Run two cached steps on a 1-token and a 2-token row, then forget them.
+
+        Called when a policy is built, so that a model whose cache this class cannot use fails
+        then rather than at the first rollout step.
+
+        :raises RuntimeError: as :meth:`features`.
+        """
+        device = next(self.lm.parameters()).device
+        ids = th.zeros(1, 2, dtype=th.long, device=device)
+        self.features(ids, th.tensor([[1, 0]], device=device))
+        self.features(ids, th.ones(1, 2, dtype=th.long, device=device))
+        self.clear()
+
     @property
     def width(self) -> int:
         """Cached columns ``S`` (0 when empty); never more than the longest row's real tokens."""

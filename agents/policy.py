@@ -54,7 +54,9 @@ class TransformerPolicy(ActorCriticPolicy):
         (:class:`agents.kv_cache.RolloutKVCache`): one new token per env and step instead of the
         whole window, exact up to float rounding. ``predict``, ``predict_values`` and
         ``evaluate_actions`` never use it; it is dropped at every ``set_training_mode`` call (so
-        at the start of every rollout and update) and whenever a weight changed.
+        at the start of every rollout and update) and whenever a weight changed. Checked at
+        construction: a model whose KV cache is not a ``DynamicCache`` of full-attention layers
+        raises ``RuntimeError`` (pass ``kv_cache=False`` for it).
     :param lora_config: train LoRA adapters (Hu et al. 2021) instead of the whole LM: a
         ``peft.LoraConfig`` or a dict of its keyword arguments, e.g. ``dict(r=16, lora_alpha=32,
         target_modules=["q_proj", "v_proj"])``. peft injects the adapters into ``self.lm`` in place
@@ -127,6 +129,8 @@ class TransformerPolicy(ActorCriticPolicy):
         vars(self)["peft_model"] = (None if self.lora_config is None
                                     else add_lora(self.lm, self.lora_config, self.model_name_or_path))
         self.rollout_cache = RolloutKVCache(self.lm)
+        if self.kv_cache:
+            self.rollout_cache.check()
         self._build_mlp_extractor()
         self.action_net = self.lm.get_output_embeddings()
         self.value_net = th.nn.Linear(self.mlp_extractor.latent_dim_vf, 1)

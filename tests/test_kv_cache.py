@@ -183,3 +183,12 @@ def test_cache_memory_stays_bounded(tiny_env_kwargs):
     bound = 4 * window * (8 + config.n_layer * 2 * config.n_embd * 4)  # mask int64 + fp32 keys and values
     assert max(widths) <= window and max(sizes) <= bound
     assert max(widths[150:]) <= max(widths[:150])  # no growth over a long run
+
+
+def test_a_model_whose_cache_cannot_be_used_fails_at_construction(tiny_env_kwargs, monkeypatch):
+    from transformers.cache_utils import DynamicLayer
+
+    monkeypatch.setattr(DynamicLayer, "is_sliding", True)  # as a sliding-window model's cache would be
+    with pytest.raises(RuntimeError, match="kv_cache=False"):
+        make_ppo(tiny_env_kwargs, n_envs=1)
+    make_ppo(tiny_env_kwargs, n_envs=1, policy_kwargs=dict(kv_cache=False))
