@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from textgym import assets
+from textgym.rewards import mean_pool
 
 REWARD_MODEL_DIR = "reward_model"
 """Package data directory (``textgym/data/reward_model``) with the shipped adapter, head and provenance."""
@@ -32,18 +33,6 @@ HEAD_FILE = "reward_head.json"
 
 ENCODER_NAME = f"all-MiniLM-L6-v2 ({assets.MINILM.name}=={assets.MINILM.version})"
 """Portable name of the base encoder, recorded instead of a machine-specific path."""
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """sentence-transformers pooling: masked mean over tokens, then L2 normalisation.
-
-    :param hidden: ``float`` tensor ``(batch, seq, hidden)``, the encoder's last hidden states.
-    :param attention_mask: ``(batch, seq)`` tensor of 0/1 (padding = 0).
-    :return: ``float`` tensor ``(batch, hidden)`` with rows of unit L2 norm (differentiable).
-    """
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(pooled, dim=-1)
 
 
 class FineTunedRewardModel:

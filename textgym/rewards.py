@@ -49,6 +49,18 @@ def check_rewards(scores: Any, n: int) -> np.ndarray:
     return values
 
 
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """sentence-transformers pooling: masked mean over tokens, then L2 normalisation.
+
+    :param hidden: ``float`` tensor ``(batch, seq, hidden)``, the encoder's last hidden states.
+    :param attention_mask: ``(batch, seq)`` tensor of 0/1 (padding = 0).
+    :return: ``float`` tensor ``(batch, hidden)`` with rows of unit L2 norm (differentiable).
+    """
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
 def mean_pooled_embeddings(encoder: torch.nn.Module, tokenizer: Any, texts: list[str],
                            batch_size: int = 64) -> torch.Tensor:
     """Sentence embeddings as in sentence-transformers: masked mean of last hidden states, L2-normalised.
@@ -64,10 +76,7 @@ def mean_pooled_embeddings(encoder: torch.nn.Module, tokenizer: Any, texts: list
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
                               max_length=256, return_tensors="pt")
-            hidden = encoder(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            chunks.append(torch.nn.functional.normalize(pooled, dim=-1))
+            chunks.append(mean_pool(encoder(**batch).last_hidden_state, batch["attention_mask"]))
     return torch.cat(chunks)
 
 
