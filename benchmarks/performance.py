@@ -217,16 +217,22 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
+def run_cases(args: argparse.Namespace, results: dict, kind: str):
+    """Run case ``kind`` for every model and T; yield ``(model, T, result)`` and keep each in ``results``."""
+    for model in args.models:
+        for t in args.max_new_tokens:
+            results[kind, model, t] = run_case(args, [kind, model, args.n_envs, t])
+            yield model, t, results[kind, model, t]
+
+
 def rollout_table(args: argparse.Namespace, results: dict) -> None:
     print("Rollout: generated tokens/s (target: KV-cached collect_rollouts >= 0.8 x generate)\n")
     print("| model | T | collect_rollouts, KV cache | collect_rollouts, no cache | generate | ratio cached / generate "
           "| peak RSS (MiB) | buffer bytes/transition (SB3's DictRolloutBuffer) |")
     print("|---|---|---|---|---|---|---|---|")
-    for model in args.models:
-        for t in args.max_new_tokens:
-            r = results["rollout", model, t] = run_case(args, ["rollout", model, args.n_envs, t])
-            print(f"| {model} | {t} | {r['cached']:.1f} | {r['uncached']:.1f} | {r['generate']:.1f} | "
-                  f"{r['ratio']:.2f} | {r['peak_rss_mib']:.0f} | {r['bytes']:.0f} ({r['sb3_bytes']:.0f}) |", flush=True)
+    for model, t, r in run_cases(args, results, "rollout"):
+        print(f"| {model} | {t} | {r['cached']:.1f} | {r['uncached']:.1f} | {r['generate']:.1f} | "
+              f"{r['ratio']:.2f} | {r['peak_rss_mib']:.0f} | {r['bytes']:.0f} ({r['sb3_bytes']:.0f}) |", flush=True)
 
 
 def update_table(args: argparse.Namespace, results: dict) -> None:
@@ -234,11 +240,9 @@ def update_table(args: argparse.Namespace, results: dict) -> None:
     print("| model | T | transitions | one forward per episode | one forward per transition (64 of them) | speed-up | T/2 "
           "| peak RSS (MiB) |")
     print("|---|---|---|---|---|---|---|---|")
-    for model in args.models:
-        for t in args.max_new_tokens:
-            r = results["update", model, t] = run_case(args, ["update", model, args.n_envs, t])
-            print(f"| {model} | {t} | {r['transitions']} | {r['grouped']:.1f} | {r['per_transition']:.1f} | "
-                  f"{r['speedup']:.1f}x | {t / 2:.0f} | {r['peak_rss_mib']:.0f} |", flush=True)
+    for model, t, r in run_cases(args, results, "update"):
+        print(f"| {model} | {t} | {r['transitions']} | {r['grouped']:.1f} | {r['per_transition']:.1f} | "
+              f"{r['speedup']:.1f}x | {t / 2:.0f} | {r['peak_rss_mib']:.0f} |", flush=True)
 
 
 def iteration_table(args: argparse.Namespace) -> None:

@@ -71,24 +71,24 @@ def last_training_return(out: Path, name: str, seed: int) -> float:
     return float(np.mean(returns[-LAST_EPISODES:]))
 
 
-def test_quick_cartpole_learns(quick_run):
+def assert_every_seed_reaches(quick_run, name: str, threshold: float, baseline: str) -> None:
+    """Seeds 0 and 1 of ``name`` reach ``threshold`` both in evaluation and over their last training episodes."""
     out, _, results = quick_run
-    cartpole = scores(results, "CartPole-v1")
-    assert sorted(cartpole) == [0, 1]
-    training = {seed: last_training_return(out, "CartPole-v1", seed) for seed in cartpole}
-    assert min(cartpole.values()) >= CARTPOLE_MIN, f"CartPole-v1 quick evaluation: {cartpole} (random ~{CARTPOLE_RANDOM})"
-    assert min(training.values()) >= CARTPOLE_MIN, f"CartPole-v1 quick training: {training} (random ~{CARTPOLE_RANDOM})"
+    evaluation = scores(results, name)
+    assert sorted(evaluation) == [0, 1]
+    training = {seed: last_training_return(out, name, seed) for seed in evaluation}
+    assert min(evaluation.values()) >= threshold, f"{name} quick evaluation: {evaluation} < {threshold:.3f} ({baseline})"
+    assert min(training.values()) >= threshold, f"{name} quick training: {training} < {threshold:.3f} ({baseline})"
+
+
+def test_quick_cartpole_learns(quick_run):
+    assert_every_seed_reaches(quick_run, "CartPole-v1", CARTPOLE_MIN, f"random ~{CARTPOLE_RANDOM}")
 
 
 def test_quick_keyword_learns(quick_run):
-    out, _, results = quick_run
     task = TASKS["keyword"]
     threshold = task.chance + MIN_GAP_CLOSED * (task.optimum - task.chance)
-    keyword = scores(results, "keyword")
-    assert sorted(keyword) == [0, 1]
-    training = {seed: last_training_return(out, "keyword", seed) for seed in keyword}
-    assert min(keyword.values()) >= threshold, f"keyword quick evaluation: {keyword} < {threshold:.3f} (chance {task.chance})"
-    assert min(training.values()) >= threshold, f"keyword quick training: {training} < {threshold:.3f}"
+    assert_every_seed_reaches(quick_run, "keyword", threshold, f"chance {task.chance}")
 
 
 def test_quick_writes_table_plots_and_logs(quick_run):
