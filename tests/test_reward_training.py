@@ -15,7 +15,9 @@ from transformers import BertConfig, BertModel, BertTokenizer
 from textgym.reward_model import HEAD_FILE, FineTunedRewardModel
 from textgym.train_reward_model import (
     RewardTrainingConfig,
+    _parser,
     bradley_terry_loss,
+    is_validation,
     pairwise_accuracy,
     preference_pairs,
     reward_loss,
@@ -161,6 +163,42 @@ def test_training_is_seeded(tiny_encoder_dir):
         train(model, texts, ratings, config, log=lambda _: None)
         runs.append(model.score_texts(texts))
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_epoch_callback_runs_after_each_full_pass_and_training_mode_is_restored(tiny_encoder_dir):
+    torch.set_num_threads(1)
+    texts, ratings = rated_sentences(20)
+    model = tiny_reward_model(tiny_encoder_dir)
+    epochs, training_forwards = [], []
+    model.head.register_forward_pre_hook(
+        lambda module, _: training_forwards.append(module.training) if torch.is_grad_enabled() else None)
+
+    def careless_callback(epoch):  # scores a split and leaves the model in eval mode
+        epochs.append((epoch, len(training_forwards)))
+        model.score_texts(texts[:4])
+        model.eval()
+
+    config = RewardTrainingConfig(batch_size=8, max_steps=8, max_length=16, log_every=1000)  # 3 steps per epoch
+    train(model, texts, ratings, config, log=lambda _: None, on_epoch_end=careless_callback)
+    assert epochs == [(1, 3), (2, 6)]  # after steps 3 and 6; step 8 ends no epoch
+    assert training_forwards == [True] * 8  # every training step ran with dropout on
+
+
+def test_validation_split_is_carved_from_training_and_flags_mirror_the_config():
+    from textgym import assets
+
+    ids = range(1000)
+    validation = {i for i in ids if is_validation(i)}
+    test = {i for i in ids if assets.is_held_out(i)}
+    assert not validation & test and len(validation) == len(test) == 200
+    args = vars(_parser().parse_args(["--validation", "--lora-r", "16", "--learning-rate", "1e-3",
+                                      "--lora-targets", "query", "value"]))
+    assert args["validation"] and args["out"] is None
+    assert args["lora_r"] == 16 and args["learning_rate"] == 1e-3 and args["lora_targets"] == ["query", "value"]
+    defaults = RewardTrainingConfig()
+    assert args["epochs"] == defaults.epochs and args["max_steps"] is None and args["sign_weight"] == defaults.sign_weight
+    config_fields = {f.name for f in __import__("dataclasses").fields(RewardTrainingConfig)}
+    assert set(args) - {"out", "validation"} == config_fields - {"init_head", "extra"}
 
 
 def test_save_load_round_trip_gives_identical_scores(tiny_encoder_dir, tmp_path):

@@ -184,7 +184,8 @@ def sign_accuracy(scores: np.ndarray, ratings: np.ndarray) -> float:
 
 
 def train(model: FineTunedRewardModel, texts: list[str], ratings: np.ndarray, config: RewardTrainingConfig,
-          log: Callable[[str], None] = print) -> list[dict[str, float]]:
+          log: Callable[[str], None] = print,
+          on_epoch_end: Callable[[int], None] | None = None) -> list[dict[str, float]]:
     """Fit ``model`` in place with AdamW on the loss of :func:`reward_loss`.
 
     Shuffles ``texts`` each epoch with a generator seeded by ``config.seed`` and steps over
@@ -195,6 +196,8 @@ def train(model: FineTunedRewardModel, texts: list[str], ratings: np.ndarray, co
     :param ratings: float array ``(len(texts),)`` of their human ratings.
     :param config: hyperparameters; ``config.threads`` is *not* applied here (see :func:`main`).
     :param log: where progress lines go.
+    :param on_epoch_end: called with the epoch number (1, 2, ...) after each full pass, e.g. to
+        score a validation split; it may switch the model to eval mode (training mode is restored).
     :return: one dict per step: ``step``, ``loss``, ``bt``, ``sign``, ``regression``, ``seconds``.
     :raises ValueError: ``texts`` and ``ratings`` differ in length, fewer than 2 texts, or a
         non-positive batch size / step count.
@@ -237,6 +240,9 @@ def train(model: FineTunedRewardModel, texts: list[str], ratings: np.ndarray, co
             means = {k: np.mean([h[k] for h in recent]) for k in ("loss", "bt", "sign")}
             log(f"step {step + 1}/{total} (epoch {(step + 1) / steps_per_epoch:.2f}): loss {means['loss']:.4f} "
                 f"bt {means['bt']:.4f} sign {means['sign']:.4f}  {history[-1]['seconds']:.0f}s")
+        if on_epoch_end is not None and (step + 1) % steps_per_epoch == 0:
+            on_epoch_end((step + 1) // steps_per_epoch)
+            model.train()
     model.eval()
     return history
 
@@ -251,31 +257,64 @@ def vader_scores(texts: list[str]) -> np.ndarray | None:
     return np.array([analyzer.polarity_scores(t)["compound"] for t in texts])
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Train, evaluate on the held-out split, and save the model with its provenance.
+def is_validation(sentence_id: int) -> bool:
+    """The model-selection split carved from the training sentences: id % 5 == 1.
 
-    :return: the provenance dict written into the saved head file (``info``).
+    20% of all sentences (a quarter of the training split), disjoint from the held-out test split
+    of :func:`textgym.assets.is_held_out`. ``--validation`` runs train without them and score them
+    after every epoch, so hyperparameters and the number of epochs are chosen without ever looking
+    at the test split.
+    """
+    return sentence_id % 5 == 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    """Command line: ``--out``, ``--validation`` and one ``--flag`` per :class:`RewardTrainingConfig` field."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to save (default: the shipped textgym/data/reward_model; with --validation: "
+                             "nothing is saved unless --out is given)")
+    parser.add_argument("--validation", action="store_true",
+                        help="model selection: leave the validation split (id %% 5 == 1) out of training, score it "
+                             "after every epoch, and do not score the test split")
+    kinds = {"int": int, "float": float, "int | None": int}
+    for f in dataclasses.fields(RewardTrainingConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in kinds:
+            parser.add_argument(flag, type=kinds[f.type], default=f.default)
+        elif f.name == "lora_targets":
+            parser.add_argument(flag, nargs="+", default=list(f.default))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train, evaluate (validation split per epoch, or the test split), and save with provenance.
+
+    :return: the provenance dict (``info``) of the trained model.
     """
     from peft import LoraConfig
     from transformers import AutoModel, AutoTokenizer
 
     from textgym.rewards import load_sentiment_head
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "data" / REWARD_MODEL_DIR)
-    parser.add_argument("--epochs", type=float, default=RewardTrainingConfig.epochs)
-    parser.add_argument("--max-steps", type=int, default=None, help="stop early (timing runs)")
-    parser.add_argument("--threads", type=int, default=RewardTrainingConfig.threads)
-    parser.add_argument("--seed", type=int, default=RewardTrainingConfig.seed)
-    args = parser.parse_args(argv)
-    config = RewardTrainingConfig(epochs=args.epochs, max_steps=args.max_steps, threads=args.threads, seed=args.seed)
+    args = vars(_parser().parse_args(argv))
+    out, validation = args.pop("out"), args.pop("validation")
+    args["lora_targets"] = tuple(args["lora_targets"])
+    config = RewardTrainingConfig(**args)
+    if out is None and not validation:
+        out = Path(__file__).parent / "data" / REWARD_MODEL_DIR
     torch.set_num_threads(config.threads)
 
     sentences = assets.movie_review_sentences()
-    train_set = [s for s in sentences if not assets.is_held_out(s.id)]
-    test_set = [s for s in sentences if assets.is_held_out(s.id)]
+    if validation:
+        test_set = [s for s in sentences if is_validation(s.id)]
+        train_set = [s for s in sentences if not assets.is_held_out(s.id) and not is_validation(s.id)]
+    else:
+        test_set = [s for s in sentences if assets.is_held_out(s.id)]
+        train_set = [s for s in sentences if not assets.is_held_out(s.id)]
     test_texts = [s.text for s in test_set]
     test_ratings = np.array([s.rating for s in test_set])
+    split = "validation" if validation else "test"
 
     path = assets.minilm_path()
     torch.manual_seed(config.seed)
@@ -287,33 +326,45 @@ def main(argv: list[str] | None = None) -> dict:
         head["weight"] if config.init_head else None, head["bias"] if config.init_head else 0.0)
 
     baseline = model.score_texts(test_texts)  # step 0 = frozen MiniLM + packaged logistic head
+    per_epoch = []
+
+    def score_split(epoch: int) -> None:
+        scores = model.score_texts(test_texts)
+        per_epoch.append({"epoch": epoch, f"{split}_sign_accuracy": sign_accuracy(scores, test_ratings),
+                          f"{split}_pairwise_accuracy": pairwise_accuracy(scores, test_ratings)})
+        print(f"epoch {epoch}: {split} sign accuracy {per_epoch[-1][f'{split}_sign_accuracy']:.4f}, "
+              f"pairwise {per_epoch[-1][f'{split}_pairwise_accuracy']:.4f}", flush=True)
+
     start = time.perf_counter()
-    history = train(model, [s.text for s in train_set], np.array([s.rating for s in train_set]), config)
+    history = train(model, [s.text for s in train_set], np.array([s.rating for s in train_set]), config,
+                    on_epoch_end=score_split if validation else None)
     train_seconds = time.perf_counter() - start
     scores = model.score_texts(test_texts)
 
     vader = vader_scores(test_texts)
     figures = {
-        "test_sign_accuracy": sign_accuracy(scores, test_ratings),
-        "test_pairwise_accuracy": pairwise_accuracy(scores, test_ratings),
-        "frozen_head_test_sign_accuracy": sign_accuracy(baseline, test_ratings),
-        "frozen_head_test_pairwise_accuracy": pairwise_accuracy(baseline, test_ratings),
+        f"{split}_sign_accuracy": sign_accuracy(scores, test_ratings),
+        f"{split}_pairwise_accuracy": pairwise_accuracy(scores, test_ratings),
+        f"frozen_head_{split}_sign_accuracy": sign_accuracy(baseline, test_ratings),
+        f"frozen_head_{split}_pairwise_accuracy": pairwise_accuracy(baseline, test_ratings),
     }
     if vader is not None:
-        figures["vader_test_sign_accuracy"] = sign_accuracy(vader, test_ratings)
-        figures["vader_test_pairwise_accuracy"] = pairwise_accuracy(vader, test_ratings)
+        figures[f"vader_{split}_sign_accuracy"] = sign_accuracy(vader, test_ratings)
+        figures[f"vader_{split}_pairwise_accuracy"] = pairwise_accuracy(vader, test_ratings)
     n_adapter = sum(p.numel() for p in model.trainable_parameters())
     model.info = {
         "encoder": ENCODER_NAME,
         "data": f"movieReviewSnippets_GroundTruth ({assets.VADER_SDIST.name}=={assets.VADER_SDIST.version} sdist)",
-        "split": "held out: sentence id % 5 == 0",
+        "split": ("validation: sentence id % 5 == 1 (trained on id % 5 in {2, 3, 4})" if validation
+                  else "held out: sentence id % 5 == 0"),
         "loss": "Bradley-Terry over in-batch pairs with different mean ratings "
                 "+ sign_weight * logistic loss on rating > 0 (ratings of 0 left out of that term)",
-        "sign_accuracy": "score > 0 vs human mean rating > 0, held-out sentences rated != 0",
-        "pairwise_accuracy": "held-out pairs with different ratings ordered correctly (score ties = 1/2)",
-        "n_train": len(train_set), "n_test": len(test_set),
-        "n_test_signed": int((test_ratings != 0).sum()),
+        "sign_accuracy": f"score > 0 vs human mean rating > 0, {split} sentences rated != 0",
+        "pairwise_accuracy": f"{split} pairs with different ratings ordered correctly (score ties = 1/2)",
+        "n_train": len(train_set), f"n_{split}": len(test_set),
+        f"n_{split}_signed": int((test_ratings != 0).sum()),
         **figures,
+        **({"per_epoch": per_epoch} if validation else {}),
         "trainable_parameters": n_adapter,
         "steps": len(history),
         "final_train_loss_last_100_steps": float(np.mean([h["loss"] for h in history[-100:]])),
@@ -322,9 +373,10 @@ def main(argv: list[str] | None = None) -> dict:
         "torch_version": torch.__version__,
         "config": dataclasses.asdict(config),
     }
-    model.save(args.out)
     print(json.dumps({k: v for k, v in model.info.items() if k != "config"}, indent=1))
-    print(f"wrote {args.out}")
+    if out is not None:
+        model.save(out)
+        print(f"wrote {out}")
     return model.info
 
 
