@@ -35,6 +35,24 @@ def weights_version(parameters: list[th.Tensor]) -> int:
     return sum(p._version for p in parameters)
 
 
+def adapter_layers(lm: th.nn.Module) -> list[th.nn.Module]:
+    """The peft adapter layers inside ``lm`` (``peft.tuners.tuners_utils.BaseTunerLayer``); ``[]`` without peft."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return []
+    return [m for m in lm.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def adapters_state(layers: list[th.nn.Module]) -> tuple:
+    """Which adapters each peft layer applies: ``(disabled, active adapter names)`` per layer.
+
+    Toggling adapters (peft's ``disable_adapter()``, ``set_adapter``) changes what the model
+    computes without modifying any weight, so :func:`weights_version` alone would not see it.
+    """
+    return tuple((layer.disable_adapters, tuple(layer.active_adapters)) for layer in layers)
+
+
 def extends_by_one(prev_ids: th.Tensor, prev_mask: th.Tensor, ids: th.Tensor, mask: th.Tensor) -> th.Tensor:
     """Which rows are their previous observation plus exactly one token appended after it.
 
@@ -88,7 +106,8 @@ class RolloutKVCache:
     row's last real token, ``float32 (B, hidden_size)`` — but costs one token per continuing row
     instead of the whole window. Exact up to float rounding: rows are verified against the
     previous call (:func:`extends_by_one`), and the whole cache is dropped when the batch size
-    changes or any LM weight changed since the cache was built (:func:`weights_version`).
+    changes, any LM weight changed since the cache was built (:func:`weights_version`), or LoRA
+    adapters were switched on or off (:func:`adapters_state`).
 
     Works with transformers models whose ``base_model`` takes ``past_key_values`` as a
     ``DynamicCache`` of full-attention layers (GPT-2, Llama, Mistral, Qwen2, ...; the same
@@ -106,9 +125,10 @@ class RolloutKVCache:
         self.layers: list[tuple[th.Tensor, th.Tensor]] | None = None
         self.mask: th.Tensor | None = None
         self._prev: tuple[th.Tensor, th.Tensor] | None = None
-        self._version: int | None = None
+        self._version: tuple | None = None
         # Listed anew at every clear (each rollout start), so adapters added later are watched too.
         self._parameters = list(self.lm.parameters())
+        self._adapter_layers = adapter_layers(self.lm)
 
     def check(self) -> None:
         """Run two cached steps on a 1-token and a 2-token row, then forget them.
@@ -147,7 +167,7 @@ class RolloutKVCache:
             (use ``policy_kwargs=dict(kv_cache=False)``).
         """
         ids, mask = input_ids.long(), attention_mask.long()
-        version = weights_version(self._parameters)
+        version = weights_version(self._parameters), adapters_state(self._adapter_layers)
         if self._prev is None or self._prev[0].shape != ids.shape or version != self._version:
             self.clear()
             continuing = th.zeros(ids.shape[0], dtype=th.bool, device=ids.device)

@@ -116,14 +116,8 @@ def adapters_disabled(policy) -> Iterator[th.nn.Module]:
     peft_model = getattr(policy, "peft_model", None)
     if peft_model is None:
         raise ValueError("the policy has no LoRA adapters (build it with policy_kwargs=dict(lora_config=...))")
-    # The rollout KV cache holds keys/values of the adapted model; toggling adapters changes no
-    # weight (so no version counter moves), hence drop it on the way in and out.
-    policy.rollout_cache.clear()
-    try:
-        with peft_model.disable_adapter():
-            yield policy.lm
-    finally:
-        policy.rollout_cache.clear()
+    with peft_model.disable_adapter():  # the rollout KV cache sees the toggle (agents.kv_cache.adapters_state)
+        yield policy.lm
 
 
 def merged_lm(policy) -> th.nn.Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 
 import numpy as np
@@ -185,3 +186,28 @@ def test_adapters_disabled_needs_adapters(tiny_env_kwargs):
     with pytest.raises(ValueError, match="no LoRA adapters"):
         with adapters_disabled(model.policy):
             pass
+
+
+def test_rollout_kv_cache_follows_adapters_switched_off_and_on_directly(tiny_env_kwargs):
+    """peft's own ``disable_adapter()`` between rollout steps (not via adapters_disabled) drops the cache."""
+    model = make_model(tiny_env_kwargs)
+    policy = model.policy
+    with torch.no_grad():  # non-zero B: adapters on and off give different features
+        for name, param in policy.lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    policy.set_training_mode(False)
+    env = make_vec_env("TextGen-v0", n_envs=2, seed=1, env_kwargs=tiny_env_kwargs)
+    obs = env.reset()
+    for step in range(6):
+        batch = {k: torch.as_tensor(v) for k, v in obs.items()}
+        adapters_off = step % 3 == 2
+        with torch.no_grad():
+            with policy.peft_model.disable_adapter() if adapters_off else contextlib.nullcontext():
+                actions, _, log_prob = policy(batch)  # a rollout step: KV-cached
+                uncached = policy.evaluate_actions(batch, actions)[1]
+            adapters_on = policy.evaluate_actions(batch, actions)[1]
+        torch.testing.assert_close(log_prob, uncached, rtol=0, atol=1e-5)
+        if adapters_off:
+            assert (log_prob - adapters_on).abs().max() > 1e-2  # the toggle matters
+        obs, *_ = env.step(actions.numpy())
