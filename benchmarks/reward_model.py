@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 import textgym
-from textgym import movie_review_prompts
 from textgym.assets import is_held_out, movie_review_sentences
-from textgym.reward_model import REWARD_MODEL_DIR, FineTunedRewardModel
-from textgym.rewards import SENTIMENT_HEAD_FILE, SentimentRewardModel
+from textgym.rewards.finetuned import REWARD_MODEL_DIR, FineTunedRewardModel
+from textgym.rewards.sentiment import SENTIMENT_HEAD_FILE, SentimentRewardModel
+from textgym.tasks.sentiment import movie_review_prompts
 
 
 def shipped_bytes(*parts: str) -> int:

@@ -116,7 +116,7 @@ def text_benchmarks() -> list[Benchmark]:
     ``--quick`` keeps the keyword task's full 6,000 steps, the shortest, and halves the others.
     """
     from agents import text_ppo_kwargs
-    from textgym import TASKS
+    from textgym.tasks.synthetic import TASKS
 
     return [Benchmark(name, task.gym_id, total_timesteps=task.total_timesteps,
                       quick_timesteps=task.total_timesteps if name == "keyword" else task.total_timesteps // 2,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import textgym  # noqa: F401  (registers TextGen-v0)
-from textgym.synthetic import KeywordReward
+from textgym.tasks.synthetic import KeywordReward
 from textgym.tiny import save_tiny_lm
 
 torch.set_num_threads(2)

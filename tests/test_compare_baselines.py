@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from textgym import TASKS
+from textgym.tasks.synthetic import TASKS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "compare_baselines.py"
 

@@ -11,7 +11,7 @@ from stable_baselines3.common.env_util import make_vec_env
 
 from agents import EpisodeRolloutBuffer, TransformerPolicy, text_ppo_kwargs
 from agents.buffers import storage_dtype
-from textgym import TokenWindowSpace
+from textgym.spaces import TokenWindowSpace
 from agents import prefix_sharing
 from agents.prefix_sharing import covering_rows
 

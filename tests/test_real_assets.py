@@ -15,7 +15,7 @@ from stable_baselines3.common.env_util import make_vec_env
 import textgym
 from agents import KLPenaltyCallback, TransformerPolicy, load_causal_lm, text_ppo_kwargs
 from textgym import assets
-from textgym.rewards import load_sentiment_head
+from textgym.rewards.sentiment import load_sentiment_head
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ import torch
 from peft import LoraConfig
 from transformers import BertConfig, BertModel, BertTokenizer
 
-from textgym.reward_model import HEAD_FILE, FineTunedRewardModel
-from textgym.train_reward_model import (
+from textgym.rewards.finetuned import HEAD_FILE, FineTunedRewardModel
+from textgym.rewards.train_reward_model import (
     RewardTrainingConfig,
     _parser,
     bradley_terry_loss,

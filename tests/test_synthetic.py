@@ -14,7 +14,7 @@ from stable_baselines3.common.evaluation import evaluate_policy
 
 from agents import TransformerPolicy, text_ppo_kwargs
 from textgym.env import TextGenEnv
-from textgym.synthetic import (
+from textgym.tasks.synthetic import (
     NUMBER_WORDS,
     SYNTHETIC_WORDS,
     TASKS,

@@ -68,7 +68,7 @@ class TextGenEnv(gym.Env):
       human-written movie-review sentences (training split). ``prompt_column`` names the column of
       a ``datasets.Dataset``.
     - ``reward_model``: see :func:`textgym.rewards.as_reward_fn`; default: sentiment of
-      ``prompt + completion`` (:class:`textgym.reward_model.FineTunedRewardModel`, via
+      ``prompt + completion`` (:class:`textgym.rewards.finetuned.FineTunedRewardModel`, via
       :func:`textgym.rewards.default_reward_model`).
     - ``max_prompt_tokens``: the prompt window; a longer prompt raises ``ValueError``.
     - ``max_new_tokens``: the generation limit (episode length limit).

@@ -338,7 +338,7 @@ def register_synthetic_tasks() -> list[str]:
     for spec in TASKS.values():
         if spec.gym_id in gym.registry:
             continue
-        gym.register(id=spec.gym_id, entry_point="textgym.synthetic:make_synthetic_env",
+        gym.register(id=spec.gym_id, entry_point="textgym.tasks.synthetic:make_synthetic_env",
                      kwargs={"task": spec.name})
         added.append(spec.gym_id)
     return added

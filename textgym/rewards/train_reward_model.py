@@ -1,6 +1,6 @@
-"""Train the fine-tuned reward model: ``python -m textgym.train_reward_model``.
+"""Train the fine-tuned reward model: ``python -m textgym.rewards.train_reward_model``.
 
-Fits :class:`textgym.reward_model.FineTunedRewardModel` (all-MiniLM-L6-v2 + LoRA adapter + linear
+Fits :class:`textgym.rewards.finetuned.FineTunedRewardModel` (all-MiniLM-L6-v2 + LoRA adapter + linear
 head) to the human ratings of the 10,605 movie-review sentences of Hutto & Gilbert (2014), on the
 fixed split of :func:`textgym.assets.is_held_out` (id % 5 == 0 held out, as for the sentiment head).
 
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from textgym import assets
-from textgym.reward_model import ENCODER_NAME, REWARD_MODEL_DIR, FineTunedRewardModel
+from textgym.rewards.finetuned import ENCODER_NAME, REWARD_MODEL_DIR, FineTunedRewardModel
 
 
 @dataclass
@@ -299,14 +299,14 @@ def main(argv: list[str] | None = None) -> dict:
     from peft import LoraConfig
     from transformers import AutoModel, AutoTokenizer
 
-    from textgym.rewards import load_sentiment_head
+    from textgym.rewards.sentiment import load_sentiment_head
 
     args = vars(_parser().parse_args(argv))
     out, validation = args.pop("out"), args.pop("validation")
     args["lora_targets"] = tuple(args["lora_targets"])
     config = RewardTrainingConfig(**args)
     if out is None and not validation:
-        out = Path(__file__).parent / "data" / REWARD_MODEL_DIR
+        out = Path(__file__).parents[1] / "data" / REWARD_MODEL_DIR
     torch.set_num_threads(config.threads)
 
     sentences = assets.movie_review_sentences()

@@ -3,7 +3,7 @@
 :class:`FineTunedRewardModel` scores a text as ``w . e(text) + b``, where ``e`` is the
 sentence-transformers embedding (attention-masked mean of the last hidden states, L2-normalised)
 of the MiniLM encoder with a LoRA adapter (Hu et al. 2021, via ``peft``) on its attention and
-feed-forward projections. It is fitted by :mod:`textgym.train_reward_model` to human ratings of
+feed-forward projections. It is fitted by :mod:`textgym.rewards.train_reward_model` to human ratings of
 movie-review sentences with a Bradley-Terry pairwise loss plus a logistic term on the rating's
 sign, so the score is comparable between texts (higher = more positive) and ``score > 0`` means
 "more likely rated positive".
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from textgym import assets
-from textgym.rewards import mean_pool
+from textgym.rewards.embeddings import mean_pool
 
 REWARD_MODEL_DIR = "reward_model"
 """Package data directory (``textgym/data/reward_model``) with the shipped adapter, head and provenance."""
@@ -41,7 +41,7 @@ class FineTunedRewardModel:
     The score of ``prompt + completion`` is ``head(mean_pool(encoder(text)))``, a ``float32``
     scalar per text: a Bradley-Terry utility (the log-odds that a text is preferred to another is
     the difference of their scores) whose zero point is calibrated so that ``score > 0`` predicts
-    a positive human rating. See :mod:`textgym.train_reward_model` for how it was fitted and
+    a positive human rating. See :mod:`textgym.rewards.train_reward_model` for how it was fitted and
     ``info`` for the figures.
 
     Build one with :meth:`from_encoder` (fresh adapter, for training), :meth:`load` (a saved

@@ -1,4 +1,4 @@
-"""Retrain the default sentiment reward head: ``python -m textgym.train_sentiment_head``.
+"""Retrain the default sentiment reward head: ``python -m textgym.rewards.train_sentiment_head``.
 
 Embeds the 10,605 human-rated movie-review sentences with frozen all-MiniLM-L6-v2, fits a
 logistic regression (scikit-learn, L-BFGS, deterministic) to "human rating > 0" on the training
@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from textgym import assets
-from textgym.rewards import SENTIMENT_HEAD_FILE, mean_pooled_embeddings
+from textgym.rewards.embeddings import mean_pooled_embeddings
+from textgym.rewards.sentiment import SENTIMENT_HEAD_FILE
 
 REGULARISATION_C = 1.0
 """Inverse L2 strength of the logistic regression (scikit-learn's default)."""
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "data" / SENTIMENT_HEAD_FILE)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "data" / SENTIMENT_HEAD_FILE)
     args = parser.parse_args(argv)
 
     sentences = [s for s in assets.movie_review_sentences() if s.rating != 0]

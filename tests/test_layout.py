@@ -1,0 +1,61 @@
+"""Package layout: ``import textgym`` stays light, old module paths name their new place, and the
+public names still resolve to the objects in their new modules."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+import textgym.prompts
+import textgym.rewards
+
+
+def test_import_textgym_is_light_and_registers_the_ids():
+    code = (
+        "import sys, gymnasium, textgym\n"
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))\n"
+        "print('TextGen-v0' in gymnasium.registry, 'TextGen-Keyword-v0' in gymnasium.registry)\n"
+        "import textgym.env, textgym.rewards, textgym.prompts, textgym.tasks.synthetic\n"
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split("\n")[:3] == ["[]", "True True", "[]"], result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("old, new", [
+    ("textgym.reward_model", "textgym.rewards.finetuned"),
+    ("textgym.synthetic", "textgym.tasks.synthetic"),
+    ("textgym.train_reward_model", "textgym.rewards.train_reward_model"),
+    ("textgym.train_sentiment_head", "textgym.rewards.train_sentiment_head"),
+])
+def test_old_module_paths_name_their_new_module(old, new):
+    with pytest.raises(ModuleNotFoundError, match=f"{old} moved to {new}"):
+        importlib.import_module(old)
+    importlib.import_module(new)
+
+
+def test_old_public_names_resolve_to_the_new_modules():
+    from textgym.rewards.embeddings import mean_pool
+    from textgym.rewards.finetuned import FineTunedRewardModel
+    from textgym.rewards.sentiment import SentimentRewardModel
+    from textgym.tasks.sentiment import movie_review_prompts
+    from textgym.tasks.synthetic import TASKS
+
+    assert textgym.FineTunedRewardModel is FineTunedRewardModel
+    assert textgym.rewards.SentimentRewardModel is SentimentRewardModel
+    assert textgym.rewards.mean_pool is mean_pool
+    assert textgym.TASKS is TASKS
+    assert textgym.prompts.movie_review_prompts is movie_review_prompts
+    assert textgym.movie_review_prompts is movie_review_prompts
+    for name in textgym.__all__:
+        assert getattr(textgym, name) is not None
+
+
+def test_unknown_attributes_raise_attribute_error():
+    with pytest.raises(AttributeError, match="nope"):
+        textgym.nope  # noqa: B018
+    with pytest.raises(AttributeError, match="nope"):
+        textgym.rewards.nope  # noqa: B018
