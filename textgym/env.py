@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import gymnasium as gym
 from gymnasium import spaces
 
-from textgym import assets
+from textgym import assets, chat
 from textgym.prompts import as_prompt_list
-from textgym.rewards import as_reward_fn, check_rewards
+from textgym.rewards import as_reward_fn, reward_components
 from textgym.spaces import TokenWindowSpace
 
 
@@ -26,11 +27,40 @@ def load_tokenizer(model_name_or_path: str):
     return AutoTokenizer.from_pretrained(assets.resolve_pretrained(model_name_or_path))
 
 
+def encode_prompts(tokenizer, prompts: Sequence, chat_template: bool = False,
+                   system_prompt: str | None = None) -> list[list[int]]:
+    """Token ids of each prompt as :class:`TextGenEnv` lays it into the prompt window.
+
+    :param tokenizer: a transformers tokenizer.
+    :param prompts: strings, or in chat mode strings and conversations (lists of message dicts).
+    :param chat_template: render through the chat template instead of tokenizing the plain text.
+    :param system_prompt: chat mode: system message for prompts that have none.
+    :return: one ``list[int]`` per prompt: ``tokenizer(prompt)["input_ids"]`` in continuation mode;
+        ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)`` in chat mode, where
+        ``messages`` is :func:`textgym.chat.chat_messages` of the prompt (each distinct string
+        prompt rendered once).
+    """
+    if not chat_template:
+        return [list(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    rendered: dict[str, list[int]] = {}
+    out = []
+    for prompt in prompts:
+        if isinstance(prompt, str) and prompt in rendered:
+            out.append(list(rendered[prompt]))
+            continue
+        ids = chat.render_chat(tokenizer, chat.chat_messages(prompt, system_prompt))
+        if isinstance(prompt, str):
+            rendered[prompt] = ids
+        out.append(list(ids))
+    return out
+
+
 class TextGenEnv(gym.Env):
     """Generate a continuation of a prompt, one token per step; a reward model scores the result.
 
     ## Description
-    Each episode draws a prompt, and the agent writes its continuation token by token. This is the
+    Each episode draws a prompt, and the agent writes its continuation token by token (or, with
+    ``chat_template=True``, the assistant's reply to it). This is the
     token-level MDP of PPO fine-tuning for language models (Ziegler et al. 2019, "Fine-Tuning
     Language Models from Human Preferences"; Ouyang et al. 2022): the state is the prompt plus the
     tokens generated so far, the action is the next token, and the reward arrives when the text
@@ -43,21 +73,27 @@ class TextGenEnv(gym.Env):
     ## Observation Space
     :class:`textgym.spaces.TokenWindowSpace`: ``{"input_ids": int64 (L,), "attention_mask": int8 (L,)}``
     with ``L = max_prompt_tokens + max_new_tokens``; the prompt is left-padded into the first
-    ``max_prompt_tokens`` slots and generated tokens follow it. The space records
+    ``max_prompt_tokens`` slots and generated tokens follow it. In chat mode the prompt slots hold
+    the conversation rendered by the chat template up to and including the assistant header,
+    token for token as ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``. The space records
     ``model_name_or_path`` so that a policy can load the matching model.
 
     ## Rewards
     0 on every step but the last. On the last step, the reward model's score of
-    ``(prompt, completion)``, where ``completion`` is the decoded generated text without the EOS
-    token. ``info["reward_components"]`` lists what the reward is made of (``{"score": ...}``).
+    ``(prompt, completion)``, where ``completion`` is the decoded generated text without the stop
+    token (in chat mode: the assistant's reply only) and ``prompt`` is the prompt string (for a
+    conversation: its last message's content, :func:`textgym.chat.prompt_text`).
+    ``info["reward_components"]`` lists what the reward is made of: ``{"score": ...}``, or every
+    component a reward model returns (e.g. ``correct`` and ``format``, see
+    :mod:`textgym.rewards`).
 
     ## Starting State
     A prompt drawn uniformly from the prompt source with ``self.np_random`` (or given as
     ``reset(options={"prompt": "..."})``) and no generated tokens.
 
     ## Episode End
-    ``terminated=True`` when the agent emits the EOS token or when ``max_new_tokens`` tokens have
-    been generated: both end the generation, so neither is a time-limit truncation and the value
+    ``terminated=True`` when the agent emits a stop token (EOS; in chat mode also the template's
+    end-of-turn token) or when ``max_new_tokens`` tokens have been generated: both end the generation, so neither is a time-limit truncation and the value
     of the final state is 0 (SB3 bootstraps only ``truncated`` episodes). ``truncated`` is
     always False.
 
@@ -70,19 +106,27 @@ class TextGenEnv(gym.Env):
     - ``reward_model``: see :func:`textgym.rewards.as_reward_fn`; default: sentiment of
       ``prompt + completion`` (:class:`textgym.rewards.finetuned.FineTunedRewardModel`, via
       :func:`textgym.rewards.default_reward_model`).
-    - ``max_prompt_tokens``: the prompt window; a longer prompt raises ``ValueError``.
+    - ``max_prompt_tokens``: the prompt window; a longer prompt raises ``ValueError``. ``None``:
+      the longest prompt of the source.
     - ``max_new_tokens``: the generation limit (episode length limit).
     - ``vocab_size``: action-space size; default ``len(tokenizer)``. Set it to the model's
       (padded) vocabulary size where that differs.
-    - ``eos_token_id``: the token that ends a generation; ``-1`` (default): the tokenizer's;
-      ``None``: no stop token, only ``max_new_tokens`` ends an episode.
+    - ``eos_token_id``: the stop token(s) that end a generation: an id or a list of ids (as in
+      ``GenerationConfig.eos_token_id``); ``-1`` (default): the tokenizer's EOS and, in chat mode,
+      the template's end-of-turn token (:func:`textgym.chat.end_of_turn_token_id`; ``<|im_end|>``
+      for SmolLM2); ``None``: no stop token, only ``max_new_tokens`` ends an episode.
+    - ``chat_template``: render every prompt through the tokenizer's chat template with the
+      generation prompt added (instruct models). Prompts may then also be conversations, lists of
+      ``{"role", "content"}`` messages. A tokenizer without a chat template raises ``ValueError``.
+    - ``system_prompt``: chat mode only: a system message put before every prompt that has none.
     - ``render_mode``: ``"ansi"`` (``render()`` returns prompt + completion text) or ``None``.
 
     The constructor tokenizes every prompt and calls the reward model once on the first prompt
     with an empty completion, so bad input fails here rather than during training.
 
     ## Version History
-    - v0: initial version.
+    - v0: initial version; chat mode (``chat_template``, ``system_prompt``), several stop ids
+      and named reward components added without changing the default behaviour.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
@@ -92,11 +136,13 @@ class TextGenEnv(gym.Env):
         model_name_or_path: str = assets.DEFAULT_MODEL,
         prompts: Any = None,
         reward_model: Any = None,
-        max_prompt_tokens: int = 32,
+        max_prompt_tokens: int | None = 32,
         max_new_tokens: int = 24,
         prompt_column: str = "prompt",
         vocab_size: int | None = None,
-        eos_token_id: int | None = -1,
+        eos_token_id: int | Sequence[int] | None = -1,
+        chat_template: bool = False,
+        system_prompt: str | None = None,
         render_mode: str | None = None,
     ):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -105,28 +151,57 @@ class TextGenEnv(gym.Env):
             raise TypeError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         self.render_mode = render_mode
         self.tokenizer = load_tokenizer(model_name_or_path)
-        self.eos_token_id = self.tokenizer.eos_token_id if eos_token_id == -1 else eos_token_id
+        self.chat_template, self.system_prompt = bool(chat_template), system_prompt
+        if self.chat_template:
+            chat.check_chat_template(self.tokenizer, model_name_or_path)
+        elif system_prompt is not None:
+            raise ValueError("system_prompt is only used with chat_template=True")
+        self.stop_token_ids = self._stop_token_ids(eos_token_id)
         vocab_size = len(self.tokenizer) if vocab_size is None else vocab_size
 
-        self.prompts = as_prompt_list(prompts, prompt_column)
-        self._prompt_ids = self.tokenizer(self.prompts)["input_ids"]
+        self.prompts = as_prompt_list(prompts, prompt_column, allow_messages=self.chat_template)
+        self._prompt_ids = self.encode_prompts(self.prompts)
+        if max_prompt_tokens is None:
+            max_prompt_tokens = max(len(ids) for ids in self._prompt_ids)
         self._check_prompt_tokens(self.prompts, self._prompt_ids, max_prompt_tokens)
 
         self.observation_space = TokenWindowSpace(vocab_size, max_prompt_tokens, max_new_tokens, model_name_or_path)
         self.action_space = spaces.Discrete(vocab_size)
         self.max_new_tokens = max_new_tokens
         self.reward_fn = as_reward_fn(reward_model)
-        check_rewards(self.reward_fn([self.prompts[0]], [""]), 1)
+        reward_components(self.reward_fn([chat.prompt_text(self.prompts[0])], [""]), 1)
 
         self._prompt: str = ""
         self._prompt_tokens: list[int] = []
         self._generated: list[int] = []
         self._done = True
 
+    def _stop_token_ids(self, eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
+        if eos_token_id is None:
+            return frozenset()
+        if eos_token_id == -1:
+            ids = {self.tokenizer.eos_token_id}
+            if self.chat_template:
+                ids.add(chat.end_of_turn_token_id(self.tokenizer))
+            return frozenset(i for i in ids if i is not None)
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if not all(isinstance(i, int) and i >= 0 for i in ids):
+            raise ValueError(f"eos_token_id must be a token id, a list of token ids, -1 or None; got {eos_token_id!r}")
+        return frozenset(ids)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The stop token when there is exactly one (``None`` otherwise); see ``stop_token_ids``."""
+        return next(iter(self.stop_token_ids)) if len(self.stop_token_ids) == 1 else None
+
+    def encode_prompts(self, prompts: list) -> list[list[int]]:
+        """Token ids of each prompt as the policy sees it (:func:`encode_prompts` with this env's settings)."""
+        return encode_prompts(self.tokenizer, prompts, self.chat_template, self.system_prompt)
+
     @staticmethod
     def _check_prompt_tokens(prompts: list[str], prompt_ids: list[list[int]], limit: int, label: str = "prompt #{}") -> None:
         for i, (prompt, ids) in enumerate(zip(prompts, prompt_ids)):
-            name = f"{label.format(i)} ({prompt[:80]!r})"
+            name = f"{label.format(i)} ({chat.prompt_text(prompt)[:80]!r})"
             if not ids:
                 raise ValueError(f"{name} tokenizes to no tokens; every prompt needs at least one")
             if len(ids) > limit:
@@ -136,13 +211,16 @@ class TextGenEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Start an episode: draw a prompt (``self.np_random``) or take ``options["prompt"]``.
 
-        :return: ``(observation, info)``; ``info = {"prompt": str}``.
-        :raises ValueError: ``options["prompt"]`` is empty or longer than ``max_prompt_tokens``.
+        :return: ``(observation, info)``; ``info = {"prompt": str}``, the prompt's text
+            (:func:`textgym.chat.prompt_text`), plus ``info["messages"]`` (the rendered
+            conversation, system prompt included) in chat mode.
+        :raises ValueError: ``options["prompt"]`` is not a valid prompt (empty, a conversation
+            outside chat mode) or longer than ``max_prompt_tokens``.
         """
         super().reset(seed=seed)
         if options and "prompt" in options:
-            prompt = options["prompt"]
-            tokens = list(self.tokenizer(prompt)["input_ids"])
+            prompt = as_prompt_list([options["prompt"]], allow_messages=self.chat_template)[0]
+            tokens = self.encode_prompts([prompt])[0]
             self._check_prompt_tokens([prompt], [tokens], self.observation_space.prompt_length, "options['prompt']")
             self._prompt, self._prompt_tokens = prompt, tokens
         else:
@@ -150,7 +228,13 @@ class TextGenEnv(gym.Env):
             self._prompt, self._prompt_tokens = self.prompts[index], list(self._prompt_ids[index])
         self._generated = []
         self._done = False
-        return self.observation_space.encode(self._prompt_tokens, self._generated), {"prompt": self._prompt}
+        return self.observation_space.encode(self._prompt_tokens, self._generated), self._info()
+
+    def _info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"prompt": chat.prompt_text(self._prompt)}
+        if self.chat_template:
+            info["messages"] = chat.chat_messages(self._prompt, self.system_prompt)
+        return info
 
     def step(self, action):
         """Append token ``action``; score the text if the generation ended.
@@ -166,22 +250,25 @@ class TextGenEnv(gym.Env):
         if token != action or not 0 <= token < self.action_space.n:
             raise ValueError(f"action {action!r} is not a token id in [0, {self.action_space.n})")
         self._generated.append(token)
-        terminated = token == self.eos_token_id or len(self._generated) >= self.max_new_tokens
+        terminated = token in self.stop_token_ids or len(self._generated) >= self.max_new_tokens
         observation = self.observation_space.encode(self._prompt_tokens, self._generated)
-        info: dict[str, Any] = {"prompt": self._prompt}
+        info = self._info()
         reward = 0.0
         if terminated:
             self._done = True
             completion = self.completion()
-            reward = float(check_rewards(self.reward_fn([self._prompt], [completion]), 1)[0])
-            info.update(completion=completion, reward_components={"score": reward})
+            components = reward_components(self.reward_fn([info["prompt"]], [completion]), 1)
+            reward = float(components["score"][0])
+            info.update(completion=completion, reward_components={k: float(v[0]) for k, v in components.items()})
         return observation, reward, terminated, False, info
 
     def completion(self) -> str:
-        """The generated text so far, without the EOS token and other special tokens."""
+        """The generated text so far, without the stop token and other special tokens."""
         tokens = self._generated
-        if tokens and tokens[-1] == self.eos_token_id:
+        if tokens and tokens[-1] in self.stop_token_ids:
             tokens = tokens[:-1]
+        if self.chat_template:  # a reply is a turn of its own, not a continuation of the prompt text
+            return self.tokenizer.decode(tokens, skip_special_tokens=True)
         # Decoding prompt and continuation together keeps the separator a tokenizer inserts
         # between them (e.g. the space between words of a word-level tokenizer).
         prefix = self.tokenizer.decode(self._prompt_tokens, skip_special_tokens=True)
@@ -191,7 +278,9 @@ class TextGenEnv(gym.Env):
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def render(self) -> str | None:
-        """``"ansi"``: the prompt followed by the completion so far; ``None`` without a render mode."""
+        """``"ansi"``: the prompt (in chat mode: the rendered conversation) followed by the completion
+        so far; ``None`` without a render mode."""
         if self.render_mode == "ansi":
-            return self._prompt + self.completion()
+            prompt = self.tokenizer.decode(self._prompt_tokens) if self.chat_template else self._prompt
+            return prompt + self.completion()
         return None

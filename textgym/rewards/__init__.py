@@ -1,9 +1,13 @@
 """Reward models: callables that score finished generations.
 
 A reward model is any callable ``(prompts: list[str], completions: list[str]) -> sequence of float``
-returning one finite score per pair (the convention of TRL's reward functions). textgym calls it
-once per finished episode; :func:`as_reward_fn` turns the accepted kinds of input into such a
-callable and :func:`check_rewards` enforces the contract.
+returning one finite score per pair (the convention of TRL's reward functions). It may instead
+return a mapping of named components, each a sequence of one float per pair, whose ``"score"``
+entry is the reward (e.g. ``{"score": ..., "correct": ..., "format": ...}`` for a verifiable
+reward, :mod:`textgym.rewards.verifiable`); the env reports every component in
+``info["reward_components"]``. textgym calls it once per finished episode; :func:`as_reward_fn`
+turns the accepted kinds of input into such a callable and :func:`reward_components` enforces the
+contract.
 
 This module holds only that contract and the loaders of the shared default models, and imports
 neither torch nor transformers; the models live in submodules, imported when first used:
@@ -11,6 +15,7 @@ neither torch nor transformers; the models live in submodules, imported when fir
 - :mod:`textgym.rewards.finetuned`: :class:`FineTunedRewardModel` (the default, MiniLM + LoRA + head);
 - :mod:`textgym.rewards.sentiment`: :class:`SentimentRewardModel` (frozen MiniLM + logistic head);
 - :mod:`textgym.rewards.classifier`: :class:`SequenceClassifierReward` (any sequence classifier);
+- :mod:`textgym.rewards.verifiable`: :func:`extract_answer`, the answer rule of verifiable rewards;
 - :mod:`textgym.rewards.embeddings`: :func:`mean_pool`, :func:`mean_pooled_embeddings`;
 - :mod:`textgym.rewards.train_reward_model`, :mod:`textgym.rewards.train_sentiment_head`: the
   trainers of the shipped models (``python -m textgym.rewards.train_reward_model``, ...).
@@ -23,7 +28,7 @@ from __future__ import annotations
 import functools
 import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -78,6 +83,24 @@ def check_rewards(scores: Any, n: int) -> np.ndarray:
     if not np.all(np.isfinite(values)):
         raise ValueError(f"reward model returned a non-finite score: {values.tolist()}")
     return values
+
+
+def reward_components(output: Any, n: int) -> dict[str, np.ndarray]:
+    """Validate a reward model's output, plain scores or named components (see the module doc).
+
+    :param output: what the reward model returned for ``n`` pairs: a sequence of ``n`` floats, or
+        a mapping ``name -> sequence of n floats`` with a ``"score"`` entry.
+    :param n: number of pairs scored.
+    :return: ``{"score": float64 (n,), ...}``: the reward under ``"score"``, then any other components.
+    :raises ValueError: a mapping without ``"score"``, or any entry fails :func:`check_rewards`.
+    """
+    if not isinstance(output, Mapping):
+        return {"score": check_rewards(output, n)}
+    if "score" not in output:
+        raise ValueError(f"a reward model that returns components must include 'score' (the reward); "
+                         f"got components {sorted(output)}")
+    return {"score": check_rewards(output["score"], n),
+            **{str(name): check_rewards(value, n) for name, value in output.items() if name != "score"}}
 
 
 @functools.lru_cache(maxsize=1)
