@@ -6,6 +6,7 @@ read the cache (see textgym.assets).
 
 from __future__ import annotations
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -79,3 +80,27 @@ def test_kv_cached_rollout_stores_the_uncached_log_probs_on_smollm2():
     model.learn(2 * 6 * 3, callback=check)  # two rollouts, an update between, episodes of 4 across them
     assert len(check.max_errors) == 2 and max(check.max_errors) < 1e-4
     assert not torch.equal(check.weights[0], check.weights[1])
+
+
+def test_one_ppo_iteration_on_smollm2_chat_and_a_reasoning_gym_task():
+    task = dict(task="chain_sum", task_config=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1),
+                max_new_tokens=4)
+    env = make_vec_env("TextGen-Reasoning-v0", n_envs=2, seed=0, env_kwargs=task)
+    raw = env.envs[0].unwrapped
+    assert raw.stop_token_ids == {raw.tokenizer.convert_tokens_to_ids("<|im_end|>")}  # SmolLM2: eos = <|im_end|>
+    obs, info = raw.reset(seed=0)
+    expected = raw.tokenizer.apply_chat_template(info["messages"], add_generation_prompt=True, return_dict=True)
+    assert obs["input_ids"][obs["attention_mask"] == 1].tolist() == list(expected["input_ids"])
+    model = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=4, batch_size=8, n_epochs=1))
+    kl = KLPenaltyCallback(0.05)
+    model.learn(total_timesteps=8, callback=kl)
+    assert model.logger.name_to_value["train/n_updates"] == 1
+    assert np.isfinite(model.logger.name_to_value["train/approx_kl"]) and np.isfinite(kl.stats["kl/coef"])
+    # A correct, well-formatted reply earns 1 under the task's own verifier.
+    checker = gym.make("TextGen-Reasoning-v0", **dict(task, max_new_tokens=16)).unwrapped
+    _, info = checker.reset(seed=1)
+    answer = checker.reward_fn.entries[info["prompt"]]["answer"]
+    for token in checker.tokenizer(f"<answer>{answer}</answer>")["input_ids"] + [checker.tokenizer.eos_token_id]:
+        _, reward, terminated, _, info = checker.step(token)
+    assert terminated and info["completion"] == f"<answer>{answer}</answer>"
+    assert reward == 1.0 and info["reward_components"] == {"score": 1.0, "correct": 1.0, "format": 1.0}

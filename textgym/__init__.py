@@ -1,13 +1,14 @@
 """textgym: text generation as a Gymnasium environment, trained with upstream Stable-Baselines3.
 
-``import textgym`` registers ``TextGen-v0`` (:class:`textgym.env.TextGenEnv`) and the synthetic
+``import textgym`` registers ``TextGen-v0`` (:class:`textgym.env.TextGenEnv`),
+``TextGen-Reasoning-v0`` (reasoning-gym tasks, :mod:`textgym.tasks.reasoning`) and the synthetic
 sanity tasks of :mod:`textgym.tasks.synthetic` (``TextGen-Keyword-v0``, ...) with Gymnasium. It
 stays light (neither torch nor transformers is imported): the public names below are imported
 from their modules on first access, e.g. ``textgym.TextGenEnv``.
 
 Layout: :mod:`textgym.env` (the environment), :mod:`textgym.spaces`, :mod:`textgym.prompts`,
-:mod:`textgym.assets`, :mod:`textgym.tiny`; :mod:`textgym.tasks` (what to generate: the sentiment
-task's prompts, the synthetic tasks) and :mod:`textgym.rewards` (the reward contract and models).
+:mod:`textgym.assets`, :mod:`textgym.tiny`, :mod:`textgym.chat` (chat templates); :mod:`textgym.tasks`
+(what to generate: the sentiment task's prompts, the reasoning-gym tasks, the synthetic tasks) and :mod:`textgym.rewards` (the reward contract and models).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from textgym.tasks.synthetic import register_synthetic_tasks
 _moved.install()  # importing an old module path (textgym.synthetic, ...) names its new place
 
 register(id="TextGen-v0", entry_point="textgym.env:TextGenEnv")
+register(id="TextGen-Reasoning-v0", entry_point="textgym.tasks.reasoning:make_reasoning_env")
 register_synthetic_tasks()  # TextGen-Keyword-v0, -Copy-v0, -Reverse-v0, -Increasing-v0
 
 _PUBLIC = {
@@ -38,7 +40,7 @@ _PUBLIC = {
 }
 """Public name -> the module defining it (imported on first access of ``textgym.<name>``)."""
 
-_SUBMODULES = ("assets", "env", "prompts", "rewards", "spaces", "tasks", "tiny")
+_SUBMODULES = ("assets", "chat", "env", "prompts", "rewards", "spaces", "tasks", "tiny")
 """Submodules reachable as ``textgym.<module>`` after a bare ``import textgym`` (imported on first access)."""
 
 __all__ = [
