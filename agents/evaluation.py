@@ -9,6 +9,9 @@ switch. ``textgym`` stays the Gymnasium side that knows no policy.
 Metrics (all over completed episodes on the env's prompts):
 
 - mean reward ± standard error (the env's episode return, i.e. the reward model's score);
+- mean ± standard error of every other reward component the env reports in
+  ``info["reward_components"]`` (e.g. ``correct`` = accuracy and ``format`` = format rate of a
+  verifiable reward, :mod:`textgym.tasks.reasoning`), one table column each;
 - KL to the reference, nats per episode: mean over sampled episodes of
   ``sum_t log pi(a_t|s_t) - log pi_ref(a_t|s_t)``, the Monte-Carlo estimate of
   ``KL(pi || pi_ref)`` per episode whose per-token terms :class:`agents.KLPenaltyCallback` penalises
@@ -47,6 +50,7 @@ class EpisodeSample:
     :param tokens: generated token ids, EOS included when sampled.
     :param log_probs: ``float32 (len(tokens),)`` log-probs of ``tokens`` under the evaluated policy (nats).
     :param ref_log_probs: the same under the reference model.
+    :param components: the env's ``info["reward_components"]`` at the episode's end, without ``score``.
     """
 
     prompt: str
@@ -55,6 +59,7 @@ class EpisodeSample:
     tokens: list[int]
     log_probs: np.ndarray = field(repr=False)
     ref_log_probs: np.ndarray = field(repr=False)
+    components: dict[str, float] = field(default_factory=dict)
 
     @property
     def kl(self) -> float:
@@ -77,6 +82,8 @@ class TextEvaluation:
     :param distinct_2: distinct bigrams / bigrams, ``nan`` without bigrams.
     :param length_mean: mean tokens per episode (EOS included).
     :param episodes: every episode, in the order they ended.
+    :param components: reward component name -> ``(mean, standard error)`` over episodes, for every
+        component besides ``score`` that the env reports (empty for a plain reward model).
     """
 
     name: str
@@ -90,10 +97,14 @@ class TextEvaluation:
     distinct_2: float
     length_mean: float
     episodes: list[EpisodeSample] = field(repr=False)
+    components: dict[str, tuple[float, float]] = field(default_factory=dict)
 
-    def row(self) -> str:
-        """This evaluation as one row of :func:`markdown_table`."""
-        return (f"| {self.name} | {self.reward_mean:+.3f} ± {self.reward_sem:.3f} | {self.kl_mean:.2f} ± {self.kl_sem:.2f} "
+    def row(self, component_names: Sequence[str] = ()) -> str:
+        """This evaluation as one row of :func:`markdown_table`, with columns for ``component_names``."""
+        parts = "".join(f" {self.components[n][0]:.3f} ± {self.components[n][1]:.3f} |" if n in self.components
+                        else " |" for n in component_names)
+        return (f"| {self.name} | {self.reward_mean:+.3f} ± {self.reward_sem:.3f} |{parts} "
+                f"{self.kl_mean:.2f} ± {self.kl_sem:.2f} "
                 f"| {self.perplexity:.2f} | {self.distinct_1:.3f} | {self.distinct_2:.3f} | {self.length_mean:.1f} |")
 
 
@@ -135,7 +146,8 @@ def _sample_episodes(predictor, env, n_episodes: int, deterministic: bool) -> li
             info = local_vars["info"]
             if "completion" not in info:
                 raise ValueError("the env's final info has no 'completion'; evaluate on TextGen envs")
-            episode.update(prompt=info["prompt"], completion=info["completion"])
+            components = {k: float(v) for k, v in info.get("reward_components", {}).items() if k != "score"}
+            episode.update(prompt=info["prompt"], completion=info["completion"], components=components)
             finished.append(running.pop(i))
 
     evaluate_policy(predictor, env, n_eval_episodes=n_episodes, deterministic=deterministic,
@@ -162,7 +174,7 @@ def _score(name: str, episodes: list[dict[str, Any]], policy_scope, reference_sc
         raise ValueError("no episode finished")
     log_probs = _log_probs(policy_scope, episodes, device)
     ref_log_probs = log_probs if policy_scope is reference_scope else _log_probs(reference_scope, episodes, device)
-    samples = [EpisodeSample(e["prompt"], e["completion"], e["reward"], e["actions"], lp, rlp)
+    samples = [EpisodeSample(e["prompt"], e["completion"], e["reward"], e["actions"], lp, rlp, e["components"])
                for e, lp, rlp in zip(episodes, log_probs, ref_log_probs)]
     rewards = np.array([s.reward for s in samples])
     kls = np.array([s.kl for s in samples])
@@ -172,14 +184,26 @@ def _score(name: str, episodes: list[dict[str, Any]], policy_scope, reference_sc
         name=name, n_episodes=len(samples), reward_mean=float(rewards.mean()), reward_sem=_sem(rewards),
         kl_mean=float(kls.mean()), kl_sem=_sem(kls), perplexity=float(math.exp(-all_ref.mean())),
         distinct_1=distinct_n(completions, 1), distinct_2=distinct_n(completions, 2),
-        length_mean=float(np.mean([len(s.tokens) for s in samples])), episodes=samples)
+        length_mean=float(np.mean([len(s.tokens) for s in samples])), episodes=samples,
+        components=_component_stats(samples))
+
+
+def _component_stats(samples: list[EpisodeSample]) -> dict[str, tuple[float, float]]:
+    names = dict.fromkeys(name for s in samples for name in s.components)
+    stats = {}
+    for name in names:
+        values = np.array([s.components[name] for s in samples if name in s.components])
+        stats[name] = (float(values.mean()), _sem(values))
+    return stats
 
 
 def markdown_table(results: dict[str, TextEvaluation]) -> str:
-    """The evaluations as a markdown table, one row each."""
-    header = ("| policy | mean reward (± s.e.) | KL to reference (nats/episode, ± s.e.) | perplexity under reference "
-              "| distinct-1 | distinct-2 | mean length (tokens) |\n|---|---|---|---|---|---|---|")
-    return "\n".join([header, *(result.row() for result in results.values())])
+    """The evaluations as a markdown table, one row each; one column per reward component besides ``score``."""
+    names = list(dict.fromkeys(name for result in results.values() for name in result.components))
+    header = ("| policy | mean reward (± s.e.) |" + "".join(f" {name} (± s.e.) |" for name in names)
+              + " KL to reference (nats/episode, ± s.e.) | perplexity under reference "
+              "| distinct-1 | distinct-2 | mean length (tokens) |\n|" + "---|" * (7 + len(names)))
+    return "\n".join([header, *(result.row(names) for result in results.values())])
 
 
 def samples_text(results: dict[str, TextEvaluation], n_samples: int = 3) -> str:

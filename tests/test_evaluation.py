@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM
 
 from agents import TransformerPolicy, evaluate_against_reference, text_ppo_kwargs
-from agents.evaluation import distinct_n
+from agents.evaluation import distinct_n, markdown_table
 from tests.conftest import keyword_reward
 from textgym.env import load_tokenizer
 
@@ -114,3 +114,25 @@ def test_bad_episode_count_is_rejected(tiny_env_kwargs):
     model = make_model(tiny_env_kwargs)
     with pytest.raises(ValueError, match="n_episodes"):
         evaluate_against_reference(model, model.get_env(), n_episodes=0)
+
+
+def test_reward_components_get_a_column_with_mean_and_standard_error(tiny_env_kwargs):
+    def components(prompts, completions):
+        good = np.array([c.split().count("good") for c in completions], dtype=float)
+        return {"score": good / 4, "good_words": good, "long": np.array([float(len(c.split()) >= 3) for c in completions])}
+
+    env_kwargs = dict(tiny_env_kwargs, reward_model=components)
+    model = make_model(env_kwargs)
+    env = make_vec_env("TextGen-v0", n_envs=2, seed=5, env_kwargs=env_kwargs)
+    results = evaluate_against_reference(model, env, n_episodes=8, verbose=False)
+    for result in results.values():
+        good = np.array([e.components["good_words"] for e in result.episodes])
+        long = np.array([e.components["long"] for e in result.episodes])
+        assert list(result.components) == ["good_words", "long"]
+        assert result.components["good_words"] == pytest.approx((good.mean(), good.std(ddof=1) / math.sqrt(8)))
+        assert result.components["long"][0] == pytest.approx(long.mean())
+        assert result.reward_mean == pytest.approx(good.mean() / 4)
+    header, rule, *rows = markdown_table(results).splitlines()
+    assert "| good_words (± s.e.) | long (± s.e.) |" in header and rule.count("---") == 9
+    trained = results["trained"].components["good_words"]
+    assert rows[1].split(" | ")[2] == f"{trained[0]:.3f} ± {trained[1]:.3f}"
