@@ -17,12 +17,13 @@ def test_import_textgym_is_light_and_registers_the_ids():
     code = (
         "import sys, gymnasium, textgym\n"
         "print(sorted({'torch', 'transformers'} & set(sys.modules)))\n"
-        "print('TextGen-v0' in gymnasium.registry, 'TextGen-Keyword-v0' in gymnasium.registry)\n"
-        "import textgym.env, textgym.rewards, textgym.prompts, textgym.tasks.synthetic\n"
+        "print('TextGen-v0' in gymnasium.registry, 'TextGen-Keyword-v0' in gymnasium.registry,"
+        " 'TextGen-Reasoning-v0' in gymnasium.registry)\n"
+        "import textgym.env, textgym.rewards, textgym.prompts, textgym.tasks.synthetic, textgym.tasks.reasoning\n"
         "print(sorted({'torch', 'transformers'} & set(sys.modules)))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.split("\n")[:3] == ["[]", "True True", "[]"], result.stdout + result.stderr
+    assert result.stdout.split("\n")[:3] == ["[]", "True True True", "[]"], result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("old, new", [

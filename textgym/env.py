@@ -60,8 +60,8 @@ class TextGenEnv(gym.Env):
 
     ## Description
     Each episode draws a prompt, and the agent writes its continuation token by token (or, with
-    ``chat_template=True``, the assistant's reply to it). This is the
-    token-level MDP of PPO fine-tuning for language models (Ziegler et al. 2019, "Fine-Tuning
+    ``chat_template=True``, the assistant's reply to it). This is the token-level MDP of PPO
+    fine-tuning for language models (Ziegler et al. 2019, "Fine-Tuning
     Language Models from Human Preferences"; Ouyang et al. 2022): the state is the prompt plus the
     tokens generated so far, the action is the next token, and the reward arrives when the text
     is finished.
@@ -75,8 +75,8 @@ class TextGenEnv(gym.Env):
     with ``L = max_prompt_tokens + max_new_tokens``; the prompt is left-padded into the first
     ``max_prompt_tokens`` slots and generated tokens follow it. In chat mode the prompt slots hold
     the conversation rendered by the chat template up to and including the assistant header,
-    token for token as ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``. The space records
-    ``model_name_or_path`` so that a policy can load the matching model.
+    token for token as ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``.
+    The space records ``model_name_or_path`` so that a policy can load the matching model.
 
     ## Rewards
     0 on every step but the last. On the last step, the reward model's score of
@@ -93,9 +93,9 @@ class TextGenEnv(gym.Env):
 
     ## Episode End
     ``terminated=True`` when the agent emits a stop token (EOS; in chat mode also the template's
-    end-of-turn token) or when ``max_new_tokens`` tokens have been generated: both end the generation, so neither is a time-limit truncation and the value
-    of the final state is 0 (SB3 bootstraps only ``truncated`` episodes). ``truncated`` is
-    always False.
+    end-of-turn token) or when ``max_new_tokens`` tokens have been generated: both end the
+    generation, so neither is a time-limit truncation and the value of the final state is 0 (SB3
+    bootstraps only ``truncated`` episodes). ``truncated`` is always False.
 
     ## Arguments
     - ``model_name_or_path``: tokenizer (and default policy) source: a hub id, a local directory, or
@@ -171,7 +171,7 @@ class TextGenEnv(gym.Env):
         self.reward_fn = as_reward_fn(reward_model)
         reward_components(self.reward_fn([chat.prompt_text(self.prompts[0])], [""]), 1)
 
-        self._prompt: str = ""
+        self._prompt: str | list[dict] = ""
         self._prompt_tokens: list[int] = []
         self._generated: list[int] = []
         self._done = True

@@ -110,7 +110,12 @@ def reasoning_splits(task: str, task_config: Mapping[str, Any] | None = None, tr
         question left once the held-out ones are removed.
     """
     items = tuple(sorted((task_config or {}).items()))
-    return _splits(task, items, int(train_size), int(train_seed), int(test_size), int(test_seed))
+    args = (task, items, int(train_size), int(train_seed), int(test_size), int(test_seed))
+    try:
+        hash(items)
+    except TypeError:  # a list in the config: generate without the per-process cache
+        return _splits.__wrapped__(*args)
+    return _splits(*args)
 
 
 def make_reasoning_env(
