@@ -1,6 +1,6 @@
 """Rollout, update and per-iteration cost against their practical limits. Prints markdown tables.
 
-    python benchmarks/performance.py                  # tiny GPT-2 and SmolLM2-135M, ~12 min on 2 cores
+    python benchmarks/performance.py                  # tiny GPT-2, SmolLM2-135M plain and chat, ~20 min on 2 cores
     python benchmarks/performance.py --models tiny    # about a minute
     python benchmarks/performance.py --tables update  # one table
 
@@ -14,11 +14,16 @@ Every case runs in a fresh subprocess, so its peak RSS is its own. Tables:
 2. **Update**: transitions/s of what ``PPO.train`` does per minibatch (``evaluate_actions`` +
    backward) with one forward per episode vs one per transition (SB3's own ``evaluate_actions``,
    timed on 64 transitions). Target: speed-up >= T / 2.
-3. **PPO iteration on the defaults** (``examples/train_sentiment.py``'s settings: SmolLM2-135M,
+3. **PPO iteration of the examples' jobs** (``examples/train_sentiment.py``'s settings: SmolLM2-135M,
    sentiment reward model, movie-review prompts, 8 envs, 16 new tokens, ``text_ppo_kwargs()``,
-   KL penalty): seconds per iteration split into rollout (policy + env), reward model,
-   reference model and update.
-4. **Torch threads**: the first rollout and update case of the last model with 1 and 2 threads.
+   KL penalty; and ``examples/train_reasoning.py``'s: the same in chat mode on reasoning-gym
+   chain_sum with its verifier): seconds per iteration split into rollout (policy + env), reward
+   model, reference model and update.
+4. **Torch threads**: the first rollout and update case of SmolLM2 with 1 and 2 threads.
+
+Models: ``tiny`` (2-layer GPT-2), ``smollm2`` (SmolLM2-135M-Instruct continuing 6-word movie-review
+openings) and ``smollm2-chat`` (the same LM in chat mode on the reasoning demo's questions: the
+chat template makes the prompt window 43 tokens instead of 12).
 
 Run it alone: on 2 cores, a second busy process makes multi-threaded torch many times slower.
 """
@@ -41,14 +46,27 @@ def zero_reward(prompts: list[str], completions: list[str]) -> list[float]:
     return [0.0] * len(prompts)
 
 
+REASONING_JOB = dict(task="chain_sum", task_config=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1),
+                     max_new_tokens=16)
+"""``examples/train_reasoning.py``'s task: reasoning-gym chain_sum, two 1-digit terms, 16 new tokens."""
+
+
 def rollout_env_kwargs(model: str, tmp: str, max_new_tokens: int) -> dict:
-    """Full-length episodes (no EOS), constant reward; the tiny GPT-2 or the default SmolLM2."""
+    """Full-length episodes (no EOS), constant reward; the tiny GPT-2, the default SmolLM2 on
+    movie-review openings, or SmolLM2 in chat mode on the reasoning demo's questions (``smollm2-chat``:
+    system line + question through the chat template, 36-43 prompt tokens instead of 6-12)."""
     from textgym.tiny import save_tiny_lm
 
     kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=None, reward_model=zero_reward)
     if model == "tiny":
         kwargs.update(model_name_or_path=str(save_tiny_lm(tmp, n_positions=128)), max_prompt_tokens=8,
                       prompts=["the movie was", "a film is", "one two", "the film was very"])
+    if model == "smollm2-chat":
+        from textgym.tasks.reasoning import DEFAULT_SYSTEM_PROMPT, reasoning_splits
+
+        splits = reasoning_splits(REASONING_JOB["task"], REASONING_JOB["task_config"])
+        kwargs.update(prompts=[e["question"] for e in splits.train], chat_template=True,
+                      system_prompt=DEFAULT_SYSTEM_PROMPT, max_prompt_tokens=None)
     return kwargs
 
 
@@ -73,9 +91,11 @@ def generate_seconds(lm, env, max_new_tokens: int, repeats: int) -> list[float]:
     from transformers import GenerationConfig
 
     tokenizer = env.envs[0].unwrapped.tokenizer
-    prompts = [e.unwrapped.prompts[i % len(e.unwrapped.prompts)] for i, e in enumerate(env.envs)]
+    # The env's own prompt encoding (chat template included), left-padded as batched generate expects.
+    ids = [e.unwrapped.encode_prompts([e.unwrapped.prompts[i % len(e.unwrapped.prompts)]])[0]
+           for i, e in enumerate(env.envs)]
     tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
     config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
                               min_new_tokens=max_new_tokens, use_cache=True,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -160,15 +180,16 @@ def case_update(model: str, n_envs: int, max_new_tokens: int, batch_size: int = 
                 speedup=grouped / per_transition)
 
 
-def case_iteration(n_envs: int, max_new_tokens: int, iterations: int) -> dict:
-    """Table 3: seconds per PPO iteration on the defaults, split by component."""
+def case_iteration(n_envs: int, max_new_tokens: int, iterations: int, env_id: str = "TextGen-v0",
+                   env_kwargs: dict | None = None) -> dict:
+    """Table 3: seconds per PPO iteration of a job (default: the sentiment defaults), split by component."""
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env
 
     import textgym  # noqa: F401
     from agents import AdaptiveKLController, KLPenaltyCallback, TransformerPolicy, text_ppo_kwargs
 
-    env = make_vec_env("TextGen-v0", n_envs=n_envs, seed=0, env_kwargs=dict(max_new_tokens=max_new_tokens))
+    env = make_vec_env(env_id, n_envs=n_envs, seed=0, env_kwargs=dict(env_kwargs or {}, max_new_tokens=max_new_tokens))
     ppo = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs())
     clock = {"reward model": 0.0, "reference model": 0.0, "update": 0.0, "collect": 0.0}
 
@@ -200,6 +221,7 @@ def case_iteration(n_envs: int, max_new_tokens: int, iterations: int) -> dict:
 
 
 TABLES = ["rollout", "update", "iteration", "threads"]
+MODELS = ["tiny", "smollm2", "smollm2-chat"]
 
 
 def run_case(args: argparse.Namespace, case: list, threads: int | None = None) -> dict:
@@ -246,17 +268,21 @@ def update_table(args: argparse.Namespace, results: dict) -> None:
 
 
 def iteration_table(args: argparse.Namespace) -> None:
-    r = run_case(args, ["iteration", args.n_envs, 16, args.iterations])
-    print(f"\nPPO iteration on the defaults (SmolLM2-135M, {r['transitions']} transitions = {args.n_envs} envs x 32 "
-          f"steps, 16 new tokens, KL penalty): seconds per iteration, mean of {args.iterations}\n")
-    print("| rollout (policy + env) | reward model | reference model | update | total | peak RSS (MiB) |")
-    print("|---|---|---|---|---|---|")
-    print(f"| {r['rollout']:.2f} | {r['reward model']:.2f} | {r['reference model']:.2f} | {r['update']:.2f} | "
-          f"{r['total']:.2f} | {r['peak_rss_mib']:.0f} |")
+    jobs = {"sentiment (train_sentiment.py)": ("TextGen-v0", {}),
+            "reasoning, chat (train_reasoning.py)": ("TextGen-Reasoning-v0", {k: v for k, v in REASONING_JOB.items()
+                                                                             if k != "max_new_tokens"})}
+    print(f"\nPPO iteration of the examples' jobs (SmolLM2-135M, {args.n_envs} envs x 32 steps, 16 new tokens, "
+          f"KL penalty): seconds per iteration, mean of {args.iterations}\n")
+    print("| job | rollout (policy + env) | reward model | reference model | update | total | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (env_id, env_kwargs) in jobs.items():
+        r = run_case(args, ["iteration", args.n_envs, 16, args.iterations, env_id, env_kwargs])
+        print(f"| {name} | {r['rollout']:.2f} | {r['reward model']:.2f} | {r['reference model']:.2f} | "
+              f"{r['update']:.2f} | {r['total']:.2f} | {r['peak_rss_mib']:.0f} |", flush=True)
 
 
 def threads_table(args: argparse.Namespace, results: dict) -> None:
-    model, t = args.models[-1], args.max_new_tokens[0]
+    model, t = ("smollm2" if "smollm2" in args.models else args.models[-1]), args.max_new_tokens[0]
     print(f"\nTorch threads ({model}, T = {t}): the tables above used {args.threads}\n")
     print("| threads | rollout, KV cache (tokens/s) | generate (tokens/s) | update, one forward per episode (transitions/s) |")
     print("|---|---|---|---|")
@@ -270,7 +296,7 @@ def threads_table(args: argparse.Namespace, results: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=["tiny", "smollm2"])
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     parser.add_argument("--n-envs", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every case")
@@ -291,7 +317,7 @@ def main() -> None:
         rollout_table(args, results)
     if "update" in args.tables:
         update_table(args, results)
-    if "iteration" in args.tables and "smollm2" in args.models:
+    if "iteration" in args.tables and any(m.startswith("smollm2") for m in args.models):
         iteration_table(args)
     if "threads" in args.tables:
         threads_table(args, results)
