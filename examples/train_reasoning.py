@@ -27,7 +27,8 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 
 import textgym  # noqa: F401  (registers TextGen-Reasoning-v0)
-from agents import AdaptiveKLController, KLPenaltyCallback, TransformerPolicy, evaluate_against_reference, text_ppo_kwargs
+from agents import (AdaptiveKLController, KLPenaltyCallback, SampleTextCallback, TransformerPolicy,
+                    evaluate_against_reference, text_ppo_kwargs)
 
 DEFAULT_TASK_CONFIG = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)
 
@@ -77,7 +78,9 @@ def main() -> None:
     model = PPO(TransformerPolicy, train_env, seed=args.seed, verbose=1, tensorboard_log=args.tensorboard_log,
                 **text_ppo_kwargs(learning_rate=args.learning_rate, n_steps=args.n_steps))
     kl = KLPenaltyCallback(AdaptiveKLController(args.kl_coef, target=args.kl_target)) if args.kl_coef > 0 else None
-    model.learn(total_timesteps=args.timesteps, progress_bar=True, tb_log_name=f"reasoning_{args.task}", callback=kl)
+    samples = SampleTextCallback(n_samples=4)  # a few replies, 4 times per run, to TensorBoard and here
+    model.learn(total_timesteps=args.timesteps, progress_bar=True, tb_log_name=f"reasoning_{args.task}",
+                callback=[c for c in (kl, samples) if c is not None])
     train_seconds = time.perf_counter() - start
 
     print("\nheld-out questions: 'reference' = the pretrained model (before training), 'trained' = after")

@@ -24,8 +24,8 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 
 import textgym  # noqa: F401  (registers TextGen-v0)
-from agents import (AdaptiveKLController, KLPenaltyCallback, TransformerPolicy, evaluate_against_reference,
-                    text_ppo_kwargs)
+from agents import (AdaptiveKLController, KLPenaltyCallback, SampleTextCallback, TransformerPolicy,
+                    evaluate_against_reference, text_ppo_kwargs)
 
 
 def check_bounds(results: dict, max_kl: float, max_perplexity_ratio: float) -> bool:
@@ -80,7 +80,9 @@ def main() -> None:
 
     # Ziegler et al. (2019): penalise each token's log-ratio to the frozen starting model.
     kl = KLPenaltyCallback(AdaptiveKLController(args.kl_coef, target=args.kl_target)) if args.kl_coef > 0 else None
-    model.learn(total_timesteps=args.timesteps, progress_bar=True, tb_log_name="sentiment", callback=kl)
+    samples = SampleTextCallback(n_samples=4)  # a few completions, 4 times per run, to TensorBoard and here
+    model.learn(total_timesteps=args.timesteps, progress_bar=True, tb_log_name="sentiment",
+                callback=[c for c in (kl, samples) if c is not None])
     if kl is not None:
         print(f"\nlast rollout: KL to the reference {kl.stats.get('kl/episode_kl', float('nan')):.2f} nats per episode, "
               f"beta {kl.stats['kl/coef']:.4f}, score {kl.stats.get('kl/score', float('nan')):+.3f}")
