@@ -127,3 +127,28 @@ def test_named_reward_components_reach_info(tiny_chat_lm):
     assert reward == 3.0 and info["reward_components"] == {"score": 3.0, "good": 1.0}
     with pytest.raises(ValueError, match="must include 'score'"):
         make_chat_env(tiny_chat_lm, reward_model=lambda p, c: {"good": [0.0] * len(c)})
+
+
+LLAMA3 = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+          "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+GEMMA = ("<bos>{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+         "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+@pytest.mark.parametrize(("template", "specials", "end_of_turn"), [
+    (LLAMA3, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>"),
+    (GEMMA, ["<bos>", "<start_of_turn>", "<end_of_turn>"], "<end_of_turn>"),
+])
+def test_end_of_turn_token_of_other_template_families(template, specials, end_of_turn):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from textgym.chat import end_of_turn_token_id
+
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<unk>", "<eos>", *specials, "user", "assistant", "model"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
+                                        extra_special_tokens=specials)
+    tokenizer.chat_template = template
+    assert end_of_turn_token_id(tokenizer) == vocab[end_of_turn]
