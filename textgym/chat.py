@@ -25,7 +25,8 @@ def is_messages(prompt: Any) -> bool:
 
 
 def check_messages(prompt: Any, name: str = "prompt") -> None:
-    """Check one conversation: every message a dict with string ``role`` and non-empty string ``content``.
+    """Check one conversation: every message a dict with string ``role`` and ``content``, the last one
+    not blank (it is what the reply answers).
 
     :raises ValueError: a malformed message (the message says which and why).
     """
