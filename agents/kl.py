@@ -64,19 +64,37 @@ class AdaptiveKLController:
         self.value *= 1.0 + error * n_steps / self.horizon
 
 
-def reference_log_probs(reference, input_ids: th.Tensor, attention_mask: th.Tensor, actions: th.Tensor) -> th.Tensor:
+REFERENCE_CHUNK = 512
+"""Rows per reference forward: bounds its logits to ``512 x vocab`` floats (100 MB for SmolLM2)."""
+
+
+def reference_log_probs(reference, input_ids: th.Tensor, attention_mask: th.Tensor, actions: th.Tensor,
+                        chunk_size: int = REFERENCE_CHUNK) -> th.Tensor:
     """``log pi_ref(a|s)`` for a batch of token-window observations, one forward per episode.
+
+    Rows are scored ``chunk_size`` at a time, so memory stays bounded however long the rollout
+    (SB3's ``n_steps=2048`` with 8 envs is 16,384 rows: 3.2 GB of float32 logits at once for
+    SmolLM2's 49,152-token vocabulary). Within a chunk, rows that extend one another share one
+    forward (:func:`agents.prefix_sharing.last_token_features`); keep an episode's rows next to
+    each other (env-major order) so that few episodes straddle two chunks, each straddling one
+    costing one more forward.
 
     :param reference: a transformers causal LM.
     :param input_ids: ``(B, L)`` integer observations (:class:`textgym.spaces.TokenWindowSpace`).
     :param attention_mask: ``(B, L)`` 0/1.
     :param actions: ``(B,)`` token ids.
+    :param chunk_size: rows per forward, >= 1.
     :return: ``float32 (B,)`` log-probabilities (natural log).
     """
+    out = []
     with th.no_grad():
-        features = last_token_features(reference, input_ids, attention_mask)
-        log_probs = th.log_softmax(reference.get_output_embeddings()(features).float(), dim=-1)
-    return log_probs.gather(-1, actions.long().view(-1, 1)).squeeze(-1)
+        for lo in range(0, len(actions), chunk_size):
+            rows = slice(lo, lo + chunk_size)
+            features = last_token_features(reference, input_ids[rows], attention_mask[rows])
+            logits = reference.get_output_embeddings()(features).float()
+            chosen = logits.gather(-1, actions[rows].long().view(-1, 1)).squeeze(-1)
+            out.append(chosen - th.logsumexp(logits, dim=-1))
+    return th.cat(out) if out else th.zeros(0)
 
 
 def complete_episode_sums(values: np.ndarray, episode_starts: np.ndarray, last_dones: np.ndarray) -> np.ndarray:
@@ -160,11 +178,12 @@ class KLPenaltyCallback(BaseCallback):
     def _on_rollout_end(self) -> None:
         buffer = self.model.rollout_buffer
         n_steps, n_envs = buffer.rewards.shape
-        obs = {key: th.as_tensor(value.reshape(n_steps * n_envs, -1), device=self.model.device)
+        # Env-major rows keep each episode's steps together, so the chunked reference pass splits few.
+        obs = {key: th.as_tensor(value.swapaxes(0, 1).reshape(n_envs * n_steps, -1), device=self.model.device)
                for key, value in buffer.observations.items()}
-        actions = th.as_tensor(buffer.actions.reshape(-1), device=self.model.device)
+        actions = th.as_tensor(buffer.actions.swapaxes(0, 1).reshape(-1), device=self.model.device)
         ref = self._reference_log_probs(obs["input_ids"], obs["attention_mask"], actions)
-        kl = buffer.log_probs - ref.cpu().numpy().reshape(n_steps, n_envs)
+        kl = buffer.log_probs - ref.cpu().numpy().reshape(n_envs, n_steps).T
         beta = self.controller.value
         scores = buffer.rewards.copy()
         buffer.rewards -= (beta * kl).astype(np.float32)

@@ -105,3 +105,22 @@ def test_complete_episode_sums():
     # env 1: [10, 20] complete; [30, 40] not finished (last_dones False).
     sums = complete_episode_sums(values, starts, last_dones=np.array([True, False]))
     np.testing.assert_array_equal(sums, [5.0, 4.0, 30.0])
+
+
+def test_reference_pass_in_chunks_equals_one_pass(tiny_env_kwargs, tiny_lm):
+    """Chunks of 1, 5 and 7 rows (episodes cut at chunk borders) give the log-probs of one pass."""
+    from agents.kl import reference_log_probs
+
+    env = make_vec_env("TextGen-v0", n_envs=3, seed=0, env_kwargs=tiny_env_kwargs)
+    model = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=10, batch_size=10))
+    model.learn(30)
+    buffer = model.rollout_buffer  # flattened env-major by get(): episodes are runs of rows
+    ids = torch.as_tensor(buffer.observations["input_ids"].reshape(30, -1).astype(np.int64))
+    mask = torch.as_tensor(buffer.observations["attention_mask"].reshape(30, -1).astype(np.int64))
+    actions = torch.as_tensor(buffer.actions.reshape(-1).astype(np.int64))
+    lm = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    whole = reference_log_probs(lm, ids, mask, actions, chunk_size=10_000)
+    assert whole.shape == (30,) and whole.dtype == torch.float32 and bool((whole < 0).all())
+    for chunk in (1, 5, 7):
+        torch.testing.assert_close(reference_log_probs(lm, ids, mask, actions, chunk_size=chunk), whole,
+                                   rtol=0, atol=1e-6)
