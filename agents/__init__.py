@@ -7,10 +7,11 @@
 - :func:`adapters_disabled`, :func:`merged_lm`: LoRA adapters (``policy_kwargs=dict(lora_config=...)``).
 - :func:`evaluate_against_reference`: held-out reward, KL, perplexity and diversity, trained vs reference.
 - :class:`SampleTextCallback`: sampled prompts, completions and rewards in TensorBoard and on the console.
+- :class:`RollingCheckpointCallback`: the last K checkpoints, optionally without optimizer state.
 """
 
 from agents.buffers import EpisodeRolloutBuffer
-from agents.callbacks import SampleTextCallback
+from agents.callbacks import RollingCheckpointCallback, SampleTextCallback
 from agents.defaults import TEXT_PPO_DEFAULTS, text_ppo_kwargs
 from agents.extractor import CausalLMExtractor, load_causal_lm
 from agents.evaluation import TextEvaluation, evaluate_against_reference
@@ -23,6 +24,7 @@ __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "KLPenaltyCallback",
+    "RollingCheckpointCallback",
     "SampleTextCallback",
     "CausalLMExtractor",
     "EpisodeRolloutBuffer",

@@ -1,11 +1,13 @@
-"""Callbacks for watching text training: sampled completions in TensorBoard and on the console."""
+"""Callbacks for text training: sampled completions in TensorBoard and on the console, rolling checkpoints."""
 
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 from typing import Any
 
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 
 
 class SampleTextCallback(BaseCallback):
@@ -84,3 +86,68 @@ def samples_table(infos: list[dict[str, Any]]) -> str:
         values = "".join(f" {components[n]:+.3f} |" if n in components else " |" for n in names)
         rows.append(f"| {cell(info['prompt'])} | {cell(info['completion'])} |{values}")
     return "\n".join(rows)
+
+
+class RollingCheckpointCallback(CheckpointCallback):
+    """SB3's ``CheckpointCallback`` that keeps only the last ``keep_last`` checkpoints, optionally
+    without optimizer state.
+
+    A full fine-tuning checkpoint of SmolLM2-135M is a 1.6 GB zip (weights plus Adam's two moment
+    estimates, see README); a run that saves every few iterations fills a disk quickly. Every
+    ``save_freq`` calls (as in SB3: calls of ``env.step``, i.e. ``n_envs`` steps each) this saves
+
+    - ``inference_only=False`` (default): the whole algorithm, ``{name_prefix}_{steps}_steps.zip``
+      (``model.save``; resume with ``PPO.load(path, env=env)``);
+    - ``inference_only=True``: only the policy's weights and constructor arguments, no optimizer
+      state, ``{name_prefix}_policy_{steps}_steps.pth`` (SB3's ``BasePolicy.save``; load with
+      ``TransformerPolicy.load(path)``, e.g. for :func:`agents.evaluate_against_reference` or
+      ``predict``);
+
+    then deletes this callback's checkpoints (and VecNormalize / replay-buffer files of the same
+    steps) older than the ``keep_last`` newest.
+
+    :param save_freq: save every ``save_freq`` calls of the callback, >= 1.
+    :param save_path: folder of the checkpoints (created if missing).
+    :param name_prefix: file-name prefix.
+    :param keep_last: how many checkpoints to keep, >= 1; ``None`` keeps all (SB3's behaviour).
+    :param inference_only: save the policy alone, without optimizer state.
+    :param kwargs: other ``CheckpointCallback`` arguments (``save_vecnormalize``, ``verbose``, ...).
+    :raises ValueError: ``save_freq`` or ``keep_last`` below 1.
+    """
+
+    def __init__(self, save_freq: int, save_path: str, name_prefix: str = "rl_model", keep_last: int | None = 3,
+                 inference_only: bool = False, **kwargs: Any):
+        if save_freq < 1 or (keep_last is not None and keep_last < 1):
+            raise ValueError(f"save_freq and keep_last must be >= 1, got {save_freq} and {keep_last}")
+        super().__init__(save_freq, save_path, name_prefix, **kwargs)
+        self.keep_last, self.inference_only = keep_last, inference_only
+
+    def _on_step(self) -> bool:
+        if self.n_calls % self.save_freq != 0:
+            return True
+        if self.inference_only:
+            path = self._checkpoint_path("policy_", extension="pth")
+            self.model.policy.save(path)
+            if self.verbose >= 2:
+                print(f"Saving policy checkpoint to {path}")
+        else:
+            super()._on_step()
+        if self.keep_last is not None:
+            self._prune()
+        return True
+
+    def checkpoints(self) -> dict[int, list[Path]]:
+        """This callback's files in ``save_path`` by the step count in their names, oldest first."""
+        pattern = re.compile(rf"{re.escape(self.name_prefix)}_(?:policy_|vecnormalize_|replay_buffer_)?(\d+)_steps\.\w+")
+        found: dict[int, list[Path]] = {}
+        for path in Path(self.save_path).iterdir():
+            match = pattern.fullmatch(path.name)
+            if match:
+                found.setdefault(int(match.group(1)), []).append(path)
+        return dict(sorted(found.items()))
+
+    def _prune(self) -> None:
+        steps = list(self.checkpoints().items())
+        for _, paths in steps[:-self.keep_last]:
+            for path in paths:
+                path.unlink()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -46,3 +48,51 @@ def test_bad_arguments_fail_at_construction():
         SampleTextCallback(n_samples=0)
     with pytest.raises(ValueError, match="every"):
         SampleTextCallback(every=0)
+
+
+class Snapshot(BaseCallback):
+    """The policy's weights at the last step (a checkpoint saved during a rollout predates its update)."""
+
+    def _on_step(self) -> bool:
+        self.state = {k: v.clone() for k, v in self.model.policy.state_dict().items()}
+        return True
+
+
+def test_rolling_checkpoints_keep_the_last_k(tiny_env_kwargs, tmp_path):
+    from agents import RollingCheckpointCallback
+
+    env = make_vec_env("TextGen-v0", n_envs=2, seed=0, env_kwargs=tiny_env_kwargs)
+    model = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=8, batch_size=16, n_epochs=1))
+    (tmp_path / "rl_model_final.zip").write_bytes(b"not ours")  # no step count: never pruned
+    callback, snapshot = RollingCheckpointCallback(save_freq=8, save_path=str(tmp_path), keep_last=2), Snapshot()
+    model.learn(6 * 16, callback=[callback, snapshot])  # one save per rollout: 16, 32, ..., 96 steps
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rl_model_80_steps.zip", "rl_model_96_steps.zip",
+                                                          "rl_model_final.zip"]
+    loaded = PPO.load(tmp_path / "rl_model_96_steps.zip", env=env)
+    for name, value in snapshot.state.items():
+        assert torch.equal(loaded.policy.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_inference_only_checkpoint_has_no_optimizer_and_reloads_the_policy(tiny_env_kwargs, tmp_path, lora):
+    from agents import RollingCheckpointCallback
+
+    policy_kwargs = dict(lora_config=dict(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)) if lora else {}
+    env = make_vec_env("TextGen-v0", n_envs=2, seed=0, env_kwargs=tiny_env_kwargs)
+    model = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=8, batch_size=16, n_epochs=1, learning_rate=1e-2,
+                                                                   policy_kwargs=policy_kwargs))
+    callback = RollingCheckpointCallback(save_freq=8, save_path=str(tmp_path / "ckpt"), keep_last=1, inference_only=True)
+    snapshot = Snapshot()
+    model.learn(32, callback=[callback, snapshot])
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["rl_model_policy_32_steps.pth"]
+    model.save(tmp_path / "full.zip")
+    assert (tmp_path / "ckpt" / "rl_model_policy_32_steps.pth").stat().st_size < (tmp_path / "full.zip").stat().st_size
+    policy = TransformerPolicy.load(tmp_path / "ckpt" / "rl_model_policy_32_steps.pth")
+    assert (policy.peft_model is not None) == lora
+    for name, value in snapshot.state.items():
+        assert torch.equal(policy.state_dict()[name], value), name
+    model.policy.load_state_dict(snapshot.state)  # the same weights in the trained model: the same policy
+    obs = {k: torch.as_tensor(v) for k, v in env.reset().items()}
+    with torch.no_grad():
+        torch.testing.assert_close(policy.get_distribution(obs).distribution.logits,
+                                   model.policy.get_distribution(obs).distribution.logits, rtol=0, atol=0)
