@@ -98,6 +98,15 @@ def _scatter_rows(pieces: list[tuple[th.Tensor, th.Tensor]], batch: int, width: 
     return out
 
 
+def cache_argument(model: th.nn.Module) -> str:
+    """Name of the KV-cache argument (and output field) of ``model.forward``: ``"cache"`` in
+    transformers releases that renamed it (5.2x: passing ``past_key_values`` warns that it goes
+    away in 5.40), ``"past_key_values"`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class RolloutKVCache:
     """Per-env KV cache of a causal LM's trunk, for no-grad rollout steps.
 
@@ -109,15 +118,16 @@ class RolloutKVCache:
     changes, any LM weight changed since the cache was built (:func:`weights_version`), or LoRA
     adapters were switched on or off (:func:`adapters_state`).
 
-    Works with transformers models whose ``base_model`` takes ``past_key_values`` as a
-    ``DynamicCache`` of full-attention layers (GPT-2, Llama, Mistral, Qwen2, ...; the same
-    mechanism as ``generate``).
+    Works with transformers models whose ``base_model`` takes a ``DynamicCache`` of
+    full-attention layers (GPT-2, Llama, Mistral, Qwen2, ...; the same mechanism as ``generate``),
+    under the argument name the installed transformers uses (:func:`cache_argument`).
 
     :param lm: a transformers causal LM in eval mode; its trunk is ``lm.base_model``.
     """
 
     def __init__(self, lm: th.nn.Module):
         self.lm = lm
+        self._cache_argument = cache_argument(lm.base_model)
         self.clear()
 
     def clear(self) -> None:
@@ -211,8 +221,8 @@ class RolloutKVCache:
 
         cache = DynamicCache(ddp_cache_data=past) if past is not None else DynamicCache()
         out = self.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                 past_key_values=cache, use_cache=True)
-        layers = getattr(out.past_key_values, "layers", None)
+                                 use_cache=True, **{self._cache_argument: cache})
+        layers = getattr(out[self._cache_argument], "layers", None)
         if not layers or any(getattr(layer, "keys", None) is None or layer.is_sliding for layer in layers):
             raise RuntimeError(f"{type(self.lm).__name__} does not return a DynamicCache of full-attention "
                                "layers; turn KV-cached rollouts off with policy_kwargs=dict(kv_cache=False)")

@@ -192,3 +192,17 @@ def test_a_model_whose_cache_cannot_be_used_fails_at_construction(tiny_env_kwarg
     with pytest.raises(RuntimeError, match="kv_cache=False"):
         make_ppo(tiny_env_kwargs, n_envs=1)
     make_ppo(tiny_env_kwargs, n_envs=1, policy_kwargs=dict(kv_cache=False))
+
+
+def test_rollouts_use_the_cache_argument_transformers_names_now(tiny_env_kwargs):
+    """No deprecated ``past_key_values`` argument: the rollout passes the name ``forward`` declares."""
+    import inspect
+    import warnings
+
+    env = make_vec_env("TextGen-v0", n_envs=2, seed=0, env_kwargs=tiny_env_kwargs)
+    model = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=8, batch_size=16))
+    name = kv_cache_module.cache_argument(model.policy.lm.base_model)
+    assert name in inspect.signature(model.policy.lm.base_model.forward).parameters
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        model.learn(16)  # a cached rollout, then an update
