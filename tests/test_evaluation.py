@@ -136,3 +136,35 @@ def test_reward_components_get_a_column_with_mean_and_standard_error(tiny_env_kw
     assert "| good_words (± s.e.) | long (± s.e.) |" in header and rule.count("---") == 9
     trained = results["trained"].components["good_words"]
     assert rows[1].split(" | ")[2] == f"{trained[0]:.3f} ± {trained[1]:.3f}"
+
+
+def test_cached_sampler_draws_from_the_uncached_policy(tiny_env_kwargs):
+    """Log-probs of the actions the KV-cached sampler drew equal the uncached policy's (same distribution)."""
+    from agents.evaluation import CachedSampler
+
+    model = make_model(tiny_env_kwargs)
+    model.learn(32)  # trained weights, not the initial ones
+    policy = model.policy
+    env = make_vec_env("TextGen-v0", n_envs=3, seed=1, env_kwargs=tiny_env_kwargs)
+    sampler = CachedSampler(policy)
+    obs, observations, actions = env.reset(), [], []
+    for _ in range(15):  # several episodes per env, staggered ends
+        action, _ = sampler.predict(obs)
+        observations.append(obs)
+        actions.append(action)
+        obs, _, _, _ = env.step(action)
+    assert policy.rollout_cache.layers is not None  # the cache served these steps
+    batch = {k: torch.as_tensor(np.concatenate([o[k] for o in observations])) for k in ("input_ids", "attention_mask")}
+    policy.share_prefix_forward = False  # SB3's own per-observation forward: the direct computation
+    with torch.no_grad():
+        _, expected, _ = policy.evaluate_actions(batch, torch.as_tensor(np.concatenate(actions)))
+    torch.testing.assert_close(torch.as_tensor(np.concatenate(sampler.log_probs)), expected, rtol=0, atol=1e-5)
+
+
+def test_cached_evaluation_of_the_reference_itself_gives_zero_kl(tiny_env_kwargs):
+    model = make_model(tiny_env_kwargs)
+    env = make_vec_env("TextGen-v0", n_envs=2, seed=5, env_kwargs=tiny_env_kwargs)
+    results = evaluate_against_reference(model, env, n_episodes=6, verbose=False, kv_cache=True)
+    assert results["trained"].n_episodes == results["reference"].n_episodes == 6
+    assert [e.kl for e in results["trained"].episodes] == [0.0] * 6
+    assert sorted(e.prompt for e in results["reference"].episodes) == sorted(e.prompt for e in results["trained"].episodes)
