@@ -15,11 +15,12 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.utils import LinearSchedule
 
 
-def linear(initial: float):
-    """rl-zoo's ``lin_<value>`` schedule: ``initial * progress_remaining`` (1 -> 0 over training)."""
-    return lambda progress_remaining: progress_remaining * initial
+def linear(initial: float) -> LinearSchedule:
+    """rl-zoo's ``lin_<value>`` schedule, ``initial * progress_remaining``, as SB3's ``LinearSchedule``."""
+    return LinearSchedule(start=initial, end=0.0, end_fraction=1.0)
 
 
 ZOO_CARTPOLE = dict(n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=20, ent_coef=0.0,

@@ -27,13 +27,14 @@ import argparse
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from stable_baselines3.common.utils import LinearSchedule
 
 ZOO_SOURCE = "rl-baselines3-zoo hyperparams/ppo.yml (commit 208b6fdf3a9aa24de44b2e068c6e5f6a07d97fcc)"
 """Where the classic-control hyperparameters below come from (DLR-RM/rl-baselines3-zoo on GitHub)."""
@@ -46,9 +47,9 @@ BUDGET_NOTE = (
 )
 
 
-def linear(initial: float) -> Callable[[float], float]:
-    """rl-zoo's ``lin_<value>`` schedule: ``initial * progress_remaining`` (1 -> 0 over training)."""
-    return lambda progress_remaining: progress_remaining * initial
+def linear(initial: float) -> LinearSchedule:
+    """rl-zoo's ``lin_<value>`` schedule, ``initial * progress_remaining``, as SB3's ``LinearSchedule``."""
+    return LinearSchedule(start=initial, end=0.0, end_fraction=1.0)
 
 
 @dataclass(frozen=True)

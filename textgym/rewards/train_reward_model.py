@@ -17,8 +17,9 @@ Loss, per mini-batch of sentences with mean human ratings ``r`` and scores ``s``
 
 The head starts from the packaged logistic head (``sentiment_head.json``) and LoRA starts at zero,
 so step 0 is exactly the current default reward model. Everything is seeded; with the same number
-of torch threads a run repeats exactly. Writes ``textgym/data/reward_model/`` (adapter safetensors
-+ json, head, provenance) and prints held-out sign and pairwise accuracy next to VADER's and the
+of torch threads a run repeats exactly. Writes ``runs/reward_model/`` (adapter safetensors + json,
+head, provenance; ``--out textgym/data/reward_model`` in a source checkout replaces the shipped
+model) and prints held-out sign and pairwise accuracy next to VADER's and the
 frozen head's. VADER's figures need the ``train`` extra (``pip install -e '.[train]'``).
 
 ``--validation`` is for model selection: it trains without the validation sentences of
@@ -272,12 +273,17 @@ def is_validation(sentence_id: int) -> bool:
     return sentence_id % 5 == 1
 
 
+DEFAULT_OUT = Path("runs") / REWARD_MODEL_DIR
+"""Default output directory, relative to the working directory (the shipped model is only replaced on request)."""
+
+
 def _parser() -> argparse.ArgumentParser:
     """Command line: ``--out``, ``--validation`` and one ``--flag`` per :class:`RewardTrainingConfig` field."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None,
-                        help="where to save (default: the shipped textgym/data/reward_model; with --validation: "
-                             "nothing is saved unless --out is given)")
+                        help=f"where to save (default: {DEFAULT_OUT}, never inside the installed package; "
+                             "--out textgym/data/reward_model in a source checkout replaces the shipped model; "
+                             "with --validation nothing is saved unless --out is given)")
     parser.add_argument("--validation", action="store_true",
                         help="model selection: leave the validation split (id %% 5 == 1) out of training, score it "
                              "after every epoch, and do not score the test split")
@@ -306,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
     args["lora_targets"] = tuple(args["lora_targets"])
     config = RewardTrainingConfig(**args)
     if out is None and not validation:
-        out = Path(__file__).parents[1] / "data" / REWARD_MODEL_DIR
+        out = DEFAULT_OUT
     torch.set_num_threads(config.threads)
 
     sentences = assets.movie_review_sentences()

@@ -3,7 +3,7 @@
 Embeds the 10,605 human-rated movie-review sentences with frozen all-MiniLM-L6-v2, fits a
 logistic regression (scikit-learn, L-BFGS, deterministic) to "human rating > 0" on the training
 split, reports accuracy on the fixed held-out split next to VADER's, and writes
-``textgym/data/sentiment_head.json``. Sentences rated exactly 0 (37) are left out: they have no sign.
+``runs/sentiment_head.json`` (``--out textgym/data/sentiment_head.json`` replaces the shipped head). Sentences rated exactly 0 (37) are left out: they have no sign.
 Needs the ``train`` extra (``pip install -e '.[train]'``) for scikit-learn and vaderSentiment.
 """
 
@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "data" / SENTIMENT_HEAD_FILE)
+    parser.add_argument("--out", type=Path, default=Path("runs") / SENTIMENT_HEAD_FILE,
+                        help="where to write the head (default: runs/sentiment_head.json, never inside the installed "
+                             "package; --out textgym/data/sentiment_head.json in a source checkout replaces the shipped one)")
     args = parser.parse_args(argv)
 
     sentences = [s for s in assets.movie_review_sentences() if s.rating != 0]
