@@ -146,3 +146,21 @@ def test_gae_with_gamma_one_is_the_terminal_reward_minus_value(tiny_env_kwargs):
         np.testing.assert_allclose(buffer.advantages[steps, 0], rewards[steps[-1]] - values[steps], rtol=0, atol=1e-6)
         checked += 1
     assert checked >= 1
+
+
+def test_sb3_default_buffer_warns_once_at_the_first_update(make_tiny_env):
+    import warnings
+
+    env = make_vec_env(make_tiny_env, n_envs=2, seed=0, env_kwargs=dict(max_new_tokens=8))
+    # SB3's own buffer shuffles single steps: a minibatch of 16 holds a step or two of many episodes.
+    plain = PPO(TransformerPolicy, env, n_steps=64, batch_size=16, n_epochs=2, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plain.learn(256)  # two updates of 16 minibatches
+    ungrouped = [w for w in caught if "not grouped by episode" in str(w.message)]
+    assert len(ungrouped) == 1 and "text_ppo_kwargs" in str(ungrouped[0].message)
+    grouped = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=64, batch_size=16, n_epochs=2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grouped.learn(256)
+    assert not [w for w in caught if "not grouped by episode" in str(w.message)]
