@@ -78,7 +78,9 @@ class TransformerPolicy(ActorCriticPolicy):
     :param kwargs: other ``ActorCriticPolicy`` arguments (``optimizer_class``, ``optimizer_kwargs``,
         ``net_arch=dict(pi=[], vf=[...])`` for a deeper value head).
     :raises ValueError: the spaces are not token spaces, no model is named, the LM's vocabulary
-        differs from the action space, the window exceeds the LM's positions, ``ortho_init=True``,
+        differs from the action space, the window exceeds the LM's positions, the LM transforms
+        its logits after the output head (checked once on a 3-token input: Gemma-2's
+        soft-capping, Cohere's ``logit_scale``), ``ortho_init=True``,
         ``net_arch`` has actor layers, or ``lora_config`` targets no layer of the LM.
     :raises TypeError: ``lora_config`` is not a ``LoraConfig``/dict or has an unknown argument.
     """
@@ -180,6 +182,27 @@ class TransformerPolicy(ActorCriticPolicy):
         if positions is not None and window > positions:
             raise ValueError(f"observations hold {window} tokens but {self.model_name_or_path} has only "
                              f"{positions} positions; lower max_prompt_tokens + max_new_tokens")
+        self._check_logits(vocab)
+
+    def _check_logits(self, vocab: int) -> None:
+        # The action logits are the output head applied to the trunk's last hidden state. Models
+        # that transform logits after their head (Gemma-2's final_logit_softcapping, Cohere's
+        # logit_scale, Granite's logits_scaling) would silently not be the pretrained policy.
+        ids = (th.arange(3, device=self.device) % vocab)[None]
+        obs = {"input_ids": ids, "attention_mask": th.ones_like(ids)}
+        with th.no_grad():
+            expected = self.lm(input_ids=ids).logits[0, -1].float()
+            got = self.lm.get_output_embeddings()(self.features_extractor(obs)).float()[0]
+        gap = float((got - expected).abs().max())
+        if gap > 1e-3 * max(1.0, float(expected.abs().max())):
+            config = self.lm.config.get_text_config()
+            suspects = {k: getattr(config, k) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+                        if getattr(config, k, None) not in (None, 1, 1.0)}
+            raise ValueError(
+                f"{self.model_name_or_path} ({type(self.lm).__name__}) changes its logits after the output head "
+                f"(the head on the last hidden state differs from its own forward by up to {gap:.3g}"
+                f"{'; config: ' + str(suspects) if suspects else ''}), so the policy would not be the pretrained "
+                "model; this architecture is not supported yet")
 
     def set_training_mode(self, mode: bool) -> None:
         """SB3's train/eval switch; the LM stays in eval mode either way (dropout off, see class doc)."""

@@ -138,3 +138,25 @@ def test_text_defaults_merge_policy_kwargs():
     assert kwargs["gamma"] == 0.5 and text_ppo_kwargs()["gamma"] == 1.0
     with pytest.raises(TypeError, match="no parameter"):
         text_ppo_kwargs(n_step=3)
+
+
+def test_a_model_that_rescales_logits_after_its_head_fails_at_construction(tmp_path):
+    """Gemma-2 soft-caps its logits after the head: the head on the hidden state is not the model."""
+    from gymnasium import spaces
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from textgym.spaces import TokenWindowSpace
+
+    def build(softcap):
+        config = Gemma2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+                              final_logit_softcapping=softcap)
+        torch.manual_seed(0)
+        path = tmp_path / f"gemma2_{softcap}"
+        Gemma2ForCausalLM(config).save_pretrained(path)
+        return TransformerPolicy(TokenWindowSpace(32, 4, 4, str(path)), spaces.Discrete(32), lambda _: 1e-3,
+                                 kv_cache=False)
+
+    with pytest.raises(ValueError, match=r"changes its logits after the output head.*final_logit_softcapping"):
+        build(0.5)
+    build(None)  # the same architecture without soft-capping is the pretrained policy
