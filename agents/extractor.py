@@ -17,13 +17,24 @@ def load_causal_lm(model_name_or_path: str, **from_pretrained_kwargs: Any):
         ``attn_implementation``); ``dtype`` defaults to ``torch.float32``.
     :raises textgym.assets.AssetError: the default model could not be fetched.
     :raises OSError: transformers could not find the model.
+    :raises ValueError: the model is an encoder-decoder (T5, BART, ...), not a causal LM.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from textgym.assets import resolve_pretrained
 
+    path = resolve_pretrained(model_name_or_path)
+    config_keys = ("revision", "trust_remote_code", "token", "gguf_file", "subfolder")
+    try:
+        config = AutoConfig.from_pretrained(path, **{k: v for k, v in from_pretrained_kwargs.items() if k in config_keys})
+    except (OSError, ValueError):  # no standalone config: from_pretrained below reports what is missing
+        config = None
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{model_name_or_path} is an encoder-decoder model: textgym's policy is a decoder-only "
+                         "causal LM that reads the prompt and its own tokens in one sequence; use a causal LM "
+                         "(GPT-2, Llama, Qwen2, SmolLM2, ...)")
     from_pretrained_kwargs.setdefault("dtype", th.float32)
-    model = AutoModelForCausalLM.from_pretrained(resolve_pretrained(model_name_or_path), **from_pretrained_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
     return model.eval()
 
 

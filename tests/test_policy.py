@@ -160,3 +160,14 @@ def test_a_model_that_rescales_logits_after_its_head_fails_at_construction(tmp_p
     with pytest.raises(ValueError, match=r"changes its logits after the output head.*final_logit_softcapping"):
         build(0.5)
     build(None)  # the same architecture without soft-capping is the pretrained policy
+
+
+def test_an_encoder_decoder_model_fails_with_a_clear_message(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from agents import load_causal_lm
+
+    config = T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0)
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
+    with pytest.raises(ValueError, match="is an encoder-decoder model"):
+        load_causal_lm(str(tmp_path / "t5"))
