@@ -23,7 +23,7 @@ Every case runs in a fresh subprocess, so its peak RSS is its own. Tables:
 
 Models: ``tiny`` (2-layer GPT-2), ``smollm2`` (SmolLM2-135M-Instruct continuing 6-word movie-review
 openings) and ``smollm2-chat`` (the same LM in chat mode on the reasoning demo's questions: the
-chat template makes the prompt window 43 tokens instead of 12).
+chat template makes every prompt 43 tokens instead of 6-19).
 
 Run it alone: on 2 cores, a second busy process makes multi-threaded torch many times slower.
 """
@@ -54,7 +54,7 @@ REASONING_JOB = dict(task="chain_sum", task_config=dict(min_terms=2, max_terms=2
 def rollout_env_kwargs(model: str, tmp: str, max_new_tokens: int) -> dict:
     """Full-length episodes (no EOS), constant reward; the tiny GPT-2, the default SmolLM2 on
     movie-review openings, or SmolLM2 in chat mode on the reasoning demo's questions (``smollm2-chat``:
-    system line + question through the chat template, 36-43 prompt tokens instead of 6-12)."""
+    system line + question through the chat template, 43 prompt tokens instead of 6-19)."""
     from textgym.tiny import save_tiny_lm
 
     kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=None, reward_model=zero_reward)
