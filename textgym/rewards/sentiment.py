@@ -16,7 +16,8 @@ SENTIMENT_HEAD_FILE = "sentiment_head.json"
 
 
 class SentimentRewardModel:
-    """Default reward model: positive-sentiment logit of ``prompt + completion``.
+    """The previous default reward model: positive-sentiment logit of ``prompt + completion`` from a
+    frozen encoder and a logistic head (the default is now :class:`~textgym.rewards.finetuned.FineTunedRewardModel`).
 
     all-MiniLM-L6-v2 sentence embeddings (frozen) followed by a logistic-regression head fitted to
     the sign of human ratings of 8.4k movie-review sentences (Hutto & Gilbert 2014), trained by
