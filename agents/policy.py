@@ -117,6 +117,7 @@ class TransformerPolicy(ActorCriticPolicy):
         self.lora_config = None if lora_config is None else lora_config_dict(lora_config)
         self.kv_cache = kv_cache
         self.value_learning_rate = value_learning_rate
+        self._grouping_checked = False  # see _warn_if_ungrouped
         super().__init__(
             observation_space,
             action_space,
@@ -245,7 +246,7 @@ class TransformerPolicy(ActorCriticPolicy):
         """
         if not self.share_prefix_forward:
             return super().evaluate_actions(obs, actions)
-        if not getattr(self, "_grouping_checked", False):
+        if not self._grouping_checked:
             self._grouping_checked = True
             self._warn_if_ungrouped(obs["input_ids"], obs["attention_mask"])
         features = last_token_features(self.lm, obs["input_ids"], obs["attention_mask"])

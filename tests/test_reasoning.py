@@ -54,7 +54,7 @@ def test_held_out_questions_are_disjoint_from_training():
 
 def test_reward_equals_the_datasets_score_answer():
     splits = reasoning_splits("chain_sum", SMALL, train_size=50, test_size=50)
-    entries = splits.entries_by_question()
+    entries = splits.entries_by_question
     reward = VerifiableReward(entries, splits.dataset.score_answer, format_weight=0.25)
     prompts, replies, expected_correct = [], [], []
     for entry in splits.test[:10]:

@@ -172,6 +172,7 @@ class TextGenEnv(gym.Env):
         reward_components(self.reward_fn([chat.prompt_text(self.prompts[0])], [""]), 1)
 
         self._prompt: str | list[dict] = ""
+        self._episode_info: dict[str, Any] = {}
         self._prompt_tokens: list[int] = []
         self._generated: list[int] = []
         self._done = True
@@ -228,13 +229,11 @@ class TextGenEnv(gym.Env):
             self._prompt, self._prompt_tokens = self.prompts[index], list(self._prompt_ids[index])
         self._generated = []
         self._done = False
-        return self.observation_space.encode(self._prompt_tokens, self._generated), self._info()
-
-    def _info(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"prompt": chat.prompt_text(self._prompt)}
+        # Built once per episode; every step's info starts from a shallow copy of it.
+        self._episode_info = {"prompt": chat.prompt_text(self._prompt)}
         if self.chat_template:
-            info["messages"] = chat.chat_messages(self._prompt, self.system_prompt)
-        return info
+            self._episode_info["messages"] = chat.chat_messages(self._prompt, self.system_prompt)
+        return self.observation_space.encode(self._prompt_tokens, self._generated), dict(self._episode_info)
 
     def step(self, action):
         """Append token ``action``; score the text if the generation ended.
@@ -252,7 +251,7 @@ class TextGenEnv(gym.Env):
         self._generated.append(token)
         terminated = token in self.stop_token_ids or len(self._generated) >= self.max_new_tokens
         observation = self.observation_space.encode(self._prompt_tokens, self._generated)
-        info = self._info()
+        info = dict(self._episode_info)
         reward = 0.0
         if terminated:
             self._done = True

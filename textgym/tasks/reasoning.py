@@ -78,8 +78,10 @@ class ReasoningSplits:
     train: tuple[dict, ...]
     test: tuple[dict, ...]
 
+    @functools.cached_property
     def entries_by_question(self) -> dict[str, dict]:
-        """Every entry of both splits keyed by its question (the first entry of a repeated question)."""
+        """Every entry of both splits keyed by its question (the first entry of a repeated question);
+        built once per splits object, which every env of a vectorised set shares."""
         table: dict[str, dict] = {}
         for entry in (*self.test, *self.train):
             table.setdefault(entry["question"], entry)
@@ -164,7 +166,7 @@ def make_reasoning_env(
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     splits = reasoning_splits(task, task_config, train_size, train_seed, test_size, test_seed)
     questions = [entry["question"] for entry in getattr(splits, split)]
-    reward = VerifiableReward(splits.entries_by_question(), splits.dataset.score_answer, format_weight, fallback)
+    reward = VerifiableReward(splits.entries_by_question, splits.dataset.score_answer, format_weight, fallback)
     kwargs = dict(prompts=questions, reward_model=reward, chat_template=True, system_prompt=system_prompt,
                   max_new_tokens=max_new_tokens, model_name_or_path=assets.DEFAULT_MODEL)
     kwargs.update(env_kwargs)
