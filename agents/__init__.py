@@ -8,6 +8,7 @@
 - :func:`evaluate_against_reference`: held-out reward, KL, perplexity and diversity, trained vs reference.
 - :class:`SampleTextCallback`: sampled prompts, completions and rewards in TensorBoard and on the console.
 - :class:`RollingCheckpointCallback`: the last K checkpoints, optionally without optimizer state.
+- :func:`export_pretrained`: a Hugging Face model directory (LM, tokenizer, value head, model card).
 """
 
 from agents.buffers import EpisodeRolloutBuffer
@@ -15,6 +16,7 @@ from agents.callbacks import RollingCheckpointCallback, SampleTextCallback
 from agents.defaults import TEXT_PPO_DEFAULTS, text_ppo_kwargs
 from agents.extractor import CausalLMExtractor, load_causal_lm
 from agents.evaluation import TextEvaluation, evaluate_against_reference
+from agents.export import export_pretrained
 from agents.kl import AdaptiveKLController, FixedKLController, KLPenaltyCallback
 from agents.lora import adapters_disabled, merged_lm
 from agents.policy import TransformerPolicy
@@ -32,6 +34,7 @@ __all__ = [
     "TextEvaluation",
     "adapters_disabled",
     "evaluate_against_reference",
+    "export_pretrained",
     "load_causal_lm",
     "merged_lm",
     "text_ppo_kwargs",
