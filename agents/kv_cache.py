@@ -4,15 +4,19 @@ SB3's ``PPO.collect_rollouts`` calls the policy once per env step with the full 
 every env. In a token-level text MDP the observation of step ``t + 1`` is that of step ``t`` plus
 the sampled token, so a causal LM need not re-encode it: keeping the attention keys and values
 of the previous steps (the KV cache of ``model.generate``) and feeding only the new token gives the
-same hidden state. :class:`RolloutKVCache` does this per env row and checks every row, every
-step, instead of trusting that the rows continue: a row whose observation is *not* its previous
-observation plus one token (a new episode after an auto-reset, a changed batch) is re-encoded
-alone, and the other rows still take one-token steps.
+same hidden state. In a multi-turn episode (:class:`textgym.dialogue.DialogueEnv`) the
+environment's answer is appended after the agent's last token, so a row then grows by ``k > 1``
+tokens at once, and the cache feeds exactly those ``k``. :class:`RolloutKVCache` does this per
+env row and checks every row, every step, instead of trusting that the rows continue: a row whose
+observation does *not* extend its previous observation (a new episode after an auto-reset, a
+changed batch) is re-encoded alone, and the other rows still take incremental steps, one forward
+per distinct number of appended tokens.
 
 Layout of the cache: per layer, keys and values ``(B, kv_heads, S, head_dim)``, plus a 0/1 mask
 ``(B, S)``. Each row's cached tokens are right-aligned (left padding, as in batched ``generate``),
-so a one-token step appends one column for every row, and a re-encoded row is written into the
-rightmost columns of its row. Leading columns that are padding in every row are dropped, so ``S``
+so a step appends ``k`` columns for the rows it extends (the other rows get ``k`` columns of
+left padding when the pieces are merged), and a re-encoded row is written into the rightmost
+columns of its row. Leading columns that are padding in every row are dropped, so ``S``
 never exceeds the longest row, at most the observation window ``L``: memory is bounded however long
 training runs. Position ids count real tokens only, the convention of
 :func:`agents.extractor.lm_hidden_states`, so cached and uncached features agree to float rounding.
@@ -53,20 +57,33 @@ def adapters_state(layers: list[th.nn.Module]) -> tuple:
     return tuple((layer.disable_adapters, tuple(layer.active_adapters)) for layer in layers)
 
 
-def extends_by_one(prev_ids: th.Tensor, prev_mask: th.Tensor, ids: th.Tensor, mask: th.Tensor) -> th.Tensor:
-    """Which rows are their previous observation plus exactly one token appended after it.
+def appended_tokens(prev_ids: th.Tensor, prev_mask: th.Tensor, ids: th.Tensor, mask: th.Tensor) -> th.Tensor:
+    """How many tokens each row appended to its previous observation; 0 where it does not extend it.
+
+    A row extends its previous observation when its real-token block starts at the same slot,
+    contains the previous block, and agrees with it on the previous block's tokens; it then
+    appended ``len(block) - len(previous block) >= 1`` tokens (1 per agent step of a single-turn
+    episode; 1 + the environment's answer when a turn of a dialogue ends).
 
     :param prev_ids: ``(B, L)`` integer token ids of the previous observations.
     :param prev_mask: ``(B, L)`` 0/1 masks of the previous observations (one contiguous block each).
     :param ids: ``(B, L)`` integer token ids of the new observations.
     :param mask: ``(B, L)`` 0/1 masks of the new observations.
-    :return: ``(B,)`` bool.
+    :return: ``(B,)`` int64, 0 for rows that must be re-encoded.
     """
     prev_real, real = prev_mask.bool(), mask.bool()
     kept = ((ids == prev_ids) | ~prev_real).all(-1) & (real | ~prev_real).all(-1)
-    one_more = real.sum(-1) == prev_real.sum(-1) + 1
     same_start = real.to(th.int8).argmax(-1) == prev_real.to(th.int8).argmax(-1)
-    return kept & one_more & same_start
+    grown = real.sum(-1) - prev_real.sum(-1)
+    return th.where(kept & same_start & (grown > 0), grown, 0)
+
+
+def extends_by_one(prev_ids: th.Tensor, prev_mask: th.Tensor, ids: th.Tensor, mask: th.Tensor) -> th.Tensor:
+    """Which rows are their previous observation plus exactly one token (:func:`appended_tokens` == 1).
+
+    :return: ``(B,)`` bool; arguments as :func:`appended_tokens`.
+    """
+    return appended_tokens(prev_ids, prev_mask, ids, mask) == 1
 
 
 def right_align(ids: th.Tensor, mask: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
@@ -113,8 +130,8 @@ class RolloutKVCache:
     ``features(input_ids, attention_mask)`` returns what
     :meth:`agents.extractor.CausalLMExtractor.forward` returns — the final hidden state at each
     row's last real token, ``float32 (B, hidden_size)`` — but costs one token per continuing row
-    instead of the whole window. Exact up to float rounding: rows are verified against the
-    previous call (:func:`extends_by_one`), and the whole cache is dropped when the batch size
+    (or the ``k`` tokens a dialogue turn appended) instead of the whole window. Exact up to float
+    rounding: rows are verified against the previous call (:func:`appended_tokens`), and the whole cache is dropped when the batch size
     changes, any LM weight changed since the cache was built (:func:`weights_version`), or LoRA
     adapters were switched on or off (:func:`adapters_state`).
 
@@ -180,16 +197,17 @@ class RolloutKVCache:
         version = weights_version(self._parameters), adapters_state(self._adapter_layers)
         if self._prev is None or self._prev[0].shape != ids.shape or version != self._version:
             self.clear()
-            continuing = th.zeros(ids.shape[0], dtype=th.bool, device=ids.device)
+            appended = th.zeros(ids.shape[0], dtype=th.long, device=ids.device)
         else:
-            continuing = extends_by_one(*self._prev, ids, mask)
+            appended = appended_tokens(*self._prev, ids, mask)
 
         parts, hidden = [], []
-        step_rows, encode_rows = continuing.nonzero().squeeze(-1), (~continuing).nonzero().squeeze(-1)
-        if len(step_rows):
-            last, *part = self._step(step_rows, ids, mask)
-            parts.append((step_rows, *part))
+        for k in th.unique(appended[appended > 0]).tolist():
+            rows = (appended == k).nonzero().squeeze(-1)
+            last, *part = self._step(rows, ids, mask, k)
+            parts.append((rows, *part))
             hidden.append(last)
+        encode_rows = (appended == 0).nonzero().squeeze(-1)
         if len(encode_rows):
             last, *part = self._encode(encode_rows, ids, mask)
             parts.append((encode_rows, *part))
@@ -200,15 +218,17 @@ class RolloutKVCache:
         self._prev, self._version = (ids, mask), version
         return hidden
 
-    def _step(self, rows: th.Tensor, ids: th.Tensor, mask: th.Tensor):
-        """One new token for rows that continue: attend to their cached keys and values."""
+    def _step(self, rows: th.Tensor, ids: th.Tensor, mask: th.Tensor, k: int):
+        """The ``k`` tokens appended to each of ``rows``: attend to their cached keys and values."""
         whole = len(rows) == ids.shape[0]
-        past = self.layers if whole else [(k[rows], v[rows]) for k, v in self.layers]
+        past = self.layers if whole else [(key[rows], value[rows]) for key, value in self.layers]
         past_mask = self.mask if whole else self.mask[rows]
-        new_token = ids[rows].gather(1, last_token_index(mask[rows])[:, None])
-        step_mask = th.cat([past_mask, past_mask.new_ones(len(rows), 1)], dim=-1)
-        positions = past_mask.sum(-1, keepdim=True)  # real tokens before the new one
-        return self._run(new_token, step_mask, positions, past)
+        last = last_token_index(mask[rows])[:, None]
+        new_tokens = ids[rows].gather(1, last - k + 1 + th.arange(k, device=ids.device)[None])
+        step_mask = th.cat([past_mask, past_mask.new_ones(len(rows), k)], dim=-1)
+        # Position ids count real tokens before each new one.
+        positions = past_mask.sum(-1, keepdim=True) + th.arange(k, device=ids.device)[None]
+        return self._run(new_tokens, step_mask, positions, past)
 
     def _encode(self, rows: th.Tensor, ids: th.Tensor, mask: th.Tensor):
         """Whole observations for rows without a usable cache (new episode, first call)."""

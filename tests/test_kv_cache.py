@@ -116,10 +116,10 @@ def test_the_exactness_check_catches_a_broken_cache(tiny_env_kwargs, monkeypatch
     else:
         real_step = RolloutKVCache._step
 
-        def shifted(self, rows, ids, mask):
+        def shifted(self, rows, ids, mask, k):
             self.mask = torch.cat([self.mask[:, :1], self.mask], dim=-1)  # one phantom real token
             self.layers = [(torch.cat([k[..., :1, :], k], -2), torch.cat([v[..., :1, :], v], -2)) for k, v in self.layers]
-            return real_step(self, rows, ids, mask)
+            return real_step(self, rows, ids, mask, k)
 
         monkeypatch.setattr(RolloutKVCache, "_step", shifted)
     assert max(rollout_errors(tiny_env_kwargs).max_errors) > 1e-4
