@@ -192,7 +192,7 @@ class TransformerPolicy(ActorCriticPolicy):
         ids = (th.arange(3, device=self.device) % vocab)[None]
         obs = {"input_ids": ids, "attention_mask": th.ones_like(ids)}
         with th.no_grad():
-            expected = self.lm(input_ids=ids).logits[0, -1].float()
+            expected = self.lm(input_ids=ids, attention_mask=th.ones_like(ids)).logits[0, -1].float()
             got = self.lm.get_output_embeddings()(self.features_extractor(obs)).float()[0]
         gap = float((got - expected).abs().max())
         if gap > 1e-3 * max(1.0, float(expected.abs().max())):
