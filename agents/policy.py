@@ -266,7 +266,9 @@ class TransformerPolicy(ActorCriticPolicy):
         reps = th.unique(covering_rows(input_ids.long(), attention_mask.long()))
         generated = attention_mask[reps, prompt_length:].long().sum(-1)
         expected = int((generated + 1).sum())
-        if rows < expected / 2:
+        # Both conditions: in a dialogue the context tokens the game appended count in ``generated``
+        # but are not steps, so ``expected`` alone overstates a grouped minibatch.
+        if rows < expected / 2 and rows < 2 * len(reps):
             warnings.warn(UNGROUPED_WARNING.format(rows=rows, groups=len(reps), expected=expected),
                           UserWarning, stacklevel=3)
 

@@ -94,3 +94,43 @@ def end_of_turn_token_id(tokenizer: Any) -> int | None:
         return next((i for i in full[len(prompt):] if i in special), None)
     # The template rewrote earlier turns: the closing token is then the last special token.
     return next((i for i in reversed(full) if i in special), None)
+
+
+_SENTINEL = "textgym-sentinel"
+"""Stand-in message content used to find where the template puts a turn's closing text."""
+
+
+def turn_closing(tokenizer: Any) -> str:
+    """The text the chat template writes right after an assistant reply's content (``"<|im_end|>\\n"``
+    for ChatML): what closes the agent's turn before the next message opens.
+
+    :raises ValueError: the template does not render the reply's content verbatim.
+    """
+    conversation = [{"role": "user", "content": _SENTINEL + "0"}, {"role": "assistant", "content": _SENTINEL + "1"}]
+    text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    if (_SENTINEL + "1") not in text:
+        raise ValueError("the chat template does not write an assistant reply verbatim, so turns cannot be appended")
+    return text[text.rindex(_SENTINEL + "1") + len(_SENTINEL) + 1:]
+
+
+def next_turn_text(tokenizer: Any, message: str, role: str = "user") -> str:
+    """The text the chat template adds for one more message after a closed assistant turn, up to
+    and including the next assistant header (the generation prompt).
+
+    Computed as the difference of two renderings,
+    ``apply_chat_template(conversation + [message], add_generation_prompt=True)`` minus
+    ``apply_chat_template(conversation)``, on a stand-in two-message conversation.
+
+    :param message: the new message's content.
+    :param role: its role (``"user"``; some templates also accept ``"tool"``).
+    :raises ValueError: the template rewrites earlier turns when a message is added (the rendering
+        of the longer conversation does not start with the shorter one).
+    """
+    conversation = [{"role": "user", "content": _SENTINEL + "0"}, {"role": "assistant", "content": _SENTINEL + "1"}]
+    before = tokenizer.apply_chat_template(conversation, tokenize=False)
+    after = tokenizer.apply_chat_template([*conversation, {"role": role, "content": message}],
+                                          add_generation_prompt=True, tokenize=False)
+    if not after.startswith(before):
+        raise ValueError("the chat template rewrites earlier turns when a message is added (e.g. it drops past "
+                         "reasoning), so a multi-turn observation cannot grow by appending; use another template")
+    return after[len(before):]
