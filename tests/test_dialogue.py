@@ -11,7 +11,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 from transformers import AutoModelForCausalLM
 
-from agents import TransformerPolicy, text_ppo_kwargs
+from agents import TransformerPolicy, evaluate_against_reference, text_ppo_kwargs
 from agents import kv_cache as kv_cache_module
 from agents.kl import reference_log_probs
 from agents.kv_cache import appended_tokens
@@ -178,6 +178,17 @@ def test_update_and_kl_count_only_the_agents_tokens(chat_lm):
     # than one token from one transition to the next when a turn ended.
     lengths = mask.sum(-1).reshape(buffer.n_envs, buffer.buffer_size)
     assert ((lengths[:, 1:] - lengths[:, :-1]) > 1).sum() >= 2
+
+
+def test_evaluation_counts_the_agents_tokens_only(chat_lm):
+    model = make_ppo(chat_lm, n_envs=2)
+    env = make_vec_env(DialogueEnv, n_envs=2, env_kwargs=env_kwargs(chat_lm, max_reply_tokens=3))
+    results = evaluate_against_reference(model, env, n_episodes=6, verbose=False, kv_cache=True)
+    for sample in results["trained"].episodes:
+        replies = sample.completion.split("\n")
+        assert len(replies) == 2 and 2 <= len(sample.tokens) <= 6  # two replies of 1-3 tokens each
+        assert len(sample.log_probs) == len(sample.ref_log_probs) == len(sample.tokens)
+    assert results["reference"].kl_mean == 0.0
 
 
 def test_ppo_learns_to_read_the_games_answer(chat_lm):

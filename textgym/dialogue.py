@@ -122,8 +122,10 @@ class DialogueEnv(gym.Env):
     ## Info
     Every step: ``prompt`` (the first message) and ``turn`` (replies finished). At a turn's end
     also ``reply`` and ``message`` (the game's answer or ``None``). At the episode's end
-    ``completion`` (the agent's replies joined by newlines), ``messages`` (the conversation) and
-    ``game_info`` (:meth:`DialogueGame.info`).
+    ``completion`` (the agent's replies joined by newlines), ``messages`` (the conversation),
+    ``game_info`` (:meth:`DialogueGame.info`) and ``reward_components``: ``{"score": the episode's
+    return}`` plus every number or bool in ``game_info`` (as floats), which
+    :func:`agents.evaluate_against_reference` reports as columns (e.g. ``win``, ``invalid_move``).
 
     ## Arguments
     - ``game``: a :class:`DialogueGame` instance (deep-copied per env), class, or factory.
@@ -221,6 +223,7 @@ class DialogueEnv(gym.Env):
             raise ValueError(f"the game's first turn is {len(self._prompt_tokens)} tokens, longer than "
                              f"max_prompt_tokens={limit} ({first[:80]!r}...); raise max_prompt_tokens")
         self._context, self._reply, self._replies = [], [], []
+        self._return = 0.0
         self._done = False
         return self._observation(), {"prompt": first, "turn": 0}
 
@@ -259,10 +262,14 @@ class DialogueEnv(gym.Env):
                 self._context.extend(answer)
                 self._reply = []
         info.update(turn=len(self._replies), reply=reply, message=None if terminated else message)
+        self._return += float(reward)
         if terminated or truncated:
             self._done = True
+            game_info = self.game.info()
+            numbers = {k: float(v) for k, v in game_info.items()
+                       if isinstance(v, (bool, int, float)) and k != "score"}
             info.update(completion="\n".join(self._replies), messages=[dict(m) for m in self._messages],
-                        game_info=self.game.info())
+                        game_info=game_info, reward_components={"score": self._return, **numbers})
         return self._observation(), float(reward), bool(terminated), truncated, info
 
     def _observation(self) -> dict:

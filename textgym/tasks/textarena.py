@@ -102,8 +102,10 @@ class TextArenaGame(DialogueGame):
         return None, float(rewards[0]), True
 
     def info(self) -> dict[str, Any]:
-        """TextArena's ``game_info`` for player 0 at the end (``reason``, ``invalid_move``, ``turn_count``)."""
-        return {"game": self.game_id, **self._game_info}
+        """TextArena's ``game_info`` for player 0 at the end (``reason``, ``invalid_move``, ``turn_count``)
+        and ``win``: whether TextArena's final reward was 1 (its reward for a won game)."""
+        won = self._rewards is not None and self._rewards.get(0) == 1
+        return {"game": self.game_id, **self._game_info, "win": won}
 
 
 def make_textarena_env(game: str = "GuessTheNumber-v0", game_kwargs: dict[str, Any] | None = None,
