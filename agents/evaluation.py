@@ -183,8 +183,10 @@ def _sample_episodes(predictor, env, n_episodes: int, deterministic: bool) -> li
     return finished
 
 
-def _log_probs(scope, episodes: Sequence[dict[str, Any]], device, chunk: int = 32) -> list[np.ndarray]:
-    """Per-episode log-probs of the sampled actions under the LM that ``scope()`` yields."""
+def _log_probs(scope, episodes: Sequence[dict[str, Any]], device, chunk: int = 32,
+               logit_mask: th.Tensor | None = None) -> list[np.ndarray]:
+    """Per-episode log-probs of the sampled actions under the LM that ``scope()`` yields (renormalised
+    over the tokens ``logit_mask`` allows, as the policy samples)."""
     out = []
     for lo in range(0, len(episodes), chunk):
         part = episodes[lo:lo + chunk]
@@ -192,15 +194,17 @@ def _log_probs(scope, episodes: Sequence[dict[str, Any]], device, chunk: int = 3
                for key in ("input_ids", "attention_mask")}
         actions = th.as_tensor([a for e in part for a in e["actions"]], device=device)
         with scope() as lm:
-            values = reference_log_probs(lm, obs["input_ids"], obs["attention_mask"], actions).cpu().numpy()
+            values = reference_log_probs(lm, obs["input_ids"], obs["attention_mask"], actions,
+                                         logit_mask=logit_mask).cpu().numpy()
         out.extend(np.split(values, np.cumsum([len(e["actions"]) for e in part])[:-1]))
     return out
 
 
-def _score(name: str, episodes: list[dict[str, Any]], policy_scope, reference_scope, device) -> TextEvaluation:
+def _score(name: str, episodes: list[dict[str, Any]], policy_scope, reference_scope, device,
+           logit_mask: th.Tensor | None = None) -> TextEvaluation:
     if not episodes:
         raise ValueError("no episode finished")
-    log_probs = _log_probs(policy_scope, episodes, device)
+    log_probs = _log_probs(policy_scope, episodes, device, logit_mask=logit_mask)
     ref_log_probs = log_probs if policy_scope is reference_scope else _log_probs(reference_scope, episodes, device)
     samples = [EpisodeSample(e["prompt"], e["completion"], e["reward"], e["actions"], lp, rlp, e["components"])
                for e, lp, rlp in zip(episodes, log_probs, ref_log_probs)]
@@ -338,7 +342,8 @@ def evaluate_against_reference(
     episodes = _sample_episodes(sampler(policy), env, n_episodes, deterministic)
 
     results = {"reference": _score("reference", ref_episodes, reference_scope, reference_scope, device),
-               "trained": _score("trained", episodes, trained_scope, reference_scope, device)}
+               "trained": _score("trained", episodes, trained_scope, reference_scope, device,
+                                 getattr(policy, "logit_mask", None))}
     table, samples = markdown_table(results), samples_text(results, n_samples)
     if verbose:
         print(f"\n{table}\n\n{samples}")

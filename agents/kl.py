@@ -69,7 +69,7 @@ REFERENCE_CHUNK = 512
 
 
 def reference_log_probs(reference, input_ids: th.Tensor, attention_mask: th.Tensor, actions: th.Tensor,
-                        chunk_size: int = REFERENCE_CHUNK) -> th.Tensor:
+                        chunk_size: int = REFERENCE_CHUNK, logit_mask: th.Tensor | None = None) -> th.Tensor:
     """``log pi_ref(a|s)`` for a batch of token-window observations, one forward per episode.
 
     Rows are scored ``chunk_size`` at a time, so memory stays bounded however long the rollout
@@ -84,6 +84,8 @@ def reference_log_probs(reference, input_ids: th.Tensor, attention_mask: th.Tens
     :param attention_mask: ``(B, L)`` 0/1.
     :param actions: ``(B,)`` token ids.
     :param chunk_size: rows per forward, >= 1.
+    :param logit_mask: bool ``(vocab,)``, token ids excluded from the softmax (a policy's
+        :attr:`agents.TransformerPolicy.logit_mask`); ``None``: the LM's full distribution.
     :return: ``float32 (B,)`` log-probabilities (natural log).
     """
     out = []
@@ -92,6 +94,8 @@ def reference_log_probs(reference, input_ids: th.Tensor, attention_mask: th.Tens
             rows = slice(lo, lo + chunk_size)
             features = last_token_features(reference, input_ids[rows], attention_mask[rows])
             logits = reference.get_output_embeddings()(features).float()
+            if logit_mask is not None:
+                logits = logits.masked_fill(logit_mask, th.finfo(logits.dtype).min)
             chosen = logits.gather(-1, actions[rows].long().view(-1, 1)).squeeze(-1)
             out.append(chosen - th.logsumexp(logits, dim=-1))
     return th.cat(out) if out else th.zeros(0)

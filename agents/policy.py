@@ -75,6 +75,17 @@ class TransformerPolicy(ActorCriticPolicy):
         :class:`agents.KLPenaltyCallback` then takes the same weights with adapters disabled as its
         reference, without a second LM. Stored as a plain dict (``self.lora_config``), so SB3's
         ``save``/``load`` round-trips it; see :mod:`agents.lora` for saving or merging the adapters.
+    :param forbid_special_tokens: never sample a special token (the tokenizer's named special
+        tokens and added tokens flagged special: ``<pad>``, ``<|im_start|>``, ...) other than the
+        stop tokens, i.e. the tokenizer's EOS and the chat template's end-of-turn token.
+    :param forbidden_token_ids: more token ids never to sample.
+        Token ids the tokenizer cannot decode (the rows of a vocabulary padded beyond
+        ``len(tokenizer)``, as Qwen and Phi pad theirs) are never sampled either. All three are
+        one mask (``self.logit_mask``, bool ``(vocab,)``, ``None`` when nothing is masked): the
+        masked logits are set to the dtype's minimum in every distribution the policy builds
+        (rollout, ``predict``, ``evaluate_actions``), so log-probs, entropies and PPO's ratios
+        are those of the policy renormalised over the allowed tokens. The tokenizer is the env's
+        (the observation space's ``model_name_or_path``), else the policy model's.
     :param kwargs: other ``ActorCriticPolicy`` arguments (``optimizer_class``, ``optimizer_kwargs``,
         ``net_arch=dict(pi=[], vf=[...])`` for a deeper value head).
     :raises ValueError: the spaces are not token spaces, no model is named, the LM's vocabulary
@@ -96,6 +107,8 @@ class TransformerPolicy(ActorCriticPolicy):
         share_prefix_forward: bool = True,
         lora_config: Any = None,
         kv_cache: bool = True,
+        forbid_special_tokens: bool = False,
+        forbidden_token_ids: list[int] | None = None,
         net_arch: list[int] | dict[str, list[int]] | None = None,
         ortho_init: bool = False,
         **kwargs: Any,
@@ -116,6 +129,8 @@ class TransformerPolicy(ActorCriticPolicy):
         self.share_prefix_forward = share_prefix_forward
         self.lora_config = None if lora_config is None else lora_config_dict(lora_config)
         self.kv_cache = kv_cache
+        self.forbid_special_tokens = forbid_special_tokens
+        self.forbidden_token_ids = None if forbidden_token_ids is None else [int(i) for i in forbidden_token_ids]
         self.value_learning_rate = value_learning_rate
         self._grouping_checked = False  # see _warn_if_ungrouped
         super().__init__(
@@ -141,6 +156,7 @@ class TransformerPolicy(ActorCriticPolicy):
         # Not a registered submodule: its parameters are self.lm's, already in the state dict.
         vars(self)["peft_model"] = (None if self.lora_config is None
                                     else add_lora(self.lm, self.lora_config, self.model_name_or_path))
+        self.register_buffer("logit_mask", self._logit_mask(), persistent=False)
         self.rollout_cache = RolloutKVCache(self.lm)
         if self.kv_cache:
             self.rollout_cache.check()
@@ -204,6 +220,38 @@ class TransformerPolicy(ActorCriticPolicy):
                 f"(the head on the last hidden state differs from its own forward by up to {gap:.3g}"
                 f"{'; config: ' + str(suspects) if suspects else ''}), so the policy would not be the pretrained "
                 "model; this architecture is not supported yet")
+
+    def _logit_mask(self) -> th.Tensor | None:
+        """Bool ``(vocab,)``: True for token ids the policy never samples (see the class doc)."""
+        from textgym.chat import end_of_turn_token_id, special_token_ids
+        from textgym.env import load_tokenizer
+
+        vocab = self.action_space.n
+        tokenizer = load_tokenizer(getattr(self.observation_space, "model_name_or_path", None) or self.model_name_or_path)
+        masked = set(range(len(tokenizer), vocab))
+        if self.forbid_special_tokens:
+            stops = {tokenizer.eos_token_id}
+            if getattr(tokenizer, "chat_template", None):
+                stops.add(end_of_turn_token_id(tokenizer))
+            masked |= special_token_ids(tokenizer) - stops
+        for i in self.forbidden_token_ids or ():
+            if not 0 <= i < vocab:
+                raise ValueError(f"forbidden_token_ids holds {i}, not a token id in [0, {vocab})")
+            masked.add(i)
+        if not masked:
+            return None
+        if len(masked) == vocab:
+            raise ValueError("every token id is forbidden; allow at least one")
+        mask = th.zeros(vocab, dtype=th.bool)
+        mask[sorted(masked)] = True
+        return mask
+
+    def _get_action_dist_from_latent(self, latent_pi: th.Tensor):
+        """SB3's categorical distribution over the action logits, with :attr:`logit_mask` applied."""
+        logits = self.action_net(latent_pi)
+        if self.logit_mask is not None:
+            logits = logits.masked_fill(self.logit_mask, th.finfo(logits.dtype).min)
+        return self.action_dist.proba_distribution(action_logits=logits)
 
     def set_training_mode(self, mode: bool) -> None:
         """SB3's train/eval switch; the LM stays in eval mode either way (dropout off, see class doc)."""
@@ -281,6 +329,8 @@ class TransformerPolicy(ActorCriticPolicy):
                     share_prefix_forward=self.share_prefix_forward,
                     lora_config=self.lora_config,
                     kv_cache=self.kv_cache,
+                    forbid_special_tokens=self.forbid_special_tokens,
+                    forbidden_token_ids=self.forbidden_token_ids,
                     value_learning_rate=self.value_learning_rate)
         return data
 
