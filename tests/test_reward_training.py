@@ -217,6 +217,9 @@ def test_save_load_round_trip_gives_identical_scores(tiny_encoder_dir, tmp_path)
     assert unmerged.info == {"note": "tiny"} and unmerged.max_length == 16
     merged = FineTunedRewardModel.load(saved, encoder_path=tiny_encoder_dir)
     np.testing.assert_allclose(merged.score_texts(texts), expected, rtol=0, atol=1e-5)
+    placed = FineTunedRewardModel.load(saved, encoder_path=tiny_encoder_dir, device="cpu")
+    assert placed.device == torch.device("cpu") and placed.to("cpu") is placed
+    np.testing.assert_array_equal(placed.score_texts(texts), merged.score_texts(texts))
     # the reward-model contract: one float32 score per (prompt, completion), of prompt + completion
     got = merged(["good film", "the plot"], [" and superb", " was dreadful"])
     assert got.dtype == np.float32 and got.shape == (2,)
@@ -263,3 +266,24 @@ def test_shipped_reward_model_scores_the_real_held_out_sentences():
     assert pairwise_accuracy(scores, ratings) == pytest.approx(info["test_pairwise_accuracy"], abs=0.002)
     good, bad = model(["This film is"] * 2, [" a wonderful, moving triumph.", " a dull, lifeless mess."])
     assert good > 0 > bad
+
+
+def test_sequence_classifier_reward_is_the_chosen_logit_on_its_device(tiny_encoder_dir, tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    from textgym.rewards.classifier import SequenceClassifierReward
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=2)
+    classifier = BertForSequenceClassification(config).eval()
+    classifier.save_pretrained(tmp_path / "clf")
+    tokenizer = BertTokenizer.from_pretrained(tiny_encoder_dir)
+    tokenizer.save_pretrained(tmp_path / "clf")
+    reward = SequenceClassifierReward(str(tmp_path / "clf"), device="cpu")
+    texts = ["good film and superb", "the plot was dreadful"]
+    with torch.no_grad():
+        expected = classifier(**tokenizer(texts, padding=True, return_tensors="pt")).logits[:, -1].numpy()
+    got = reward(["good film", "the plot"], [" and superb", " was dreadful"])
+    assert got.dtype == np.float32 and reward.device == torch.device("cpu")
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)

@@ -31,12 +31,13 @@ def mean_pooled_embeddings(encoder: torch.nn.Module, tokenizer: Any, texts: list
     :param tokenizer: its tokenizer.
     :param texts: sentences to embed.
     :param batch_size: sentences per forward pass.
-    :return: ``float32`` tensor ``(len(texts), hidden_size)``, rows of unit L2 norm.
+    :return: ``float32`` tensor ``(len(texts), hidden_size)`` on the encoder's device, rows of unit L2 norm.
     """
+    device = next(encoder.parameters()).device
     chunks = []
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
-                              max_length=256, return_tensors="pt")
+                              max_length=256, return_tensors="pt").to(device)
             chunks.append(mean_pool(encoder(**batch).last_hidden_state, batch["attention_mask"]))
     return torch.cat(chunks)

@@ -53,12 +53,15 @@ class FineTunedRewardModel:
     :param head: ``torch.nn.Linear(hidden_size, 1)``.
     :param max_length: texts are truncated to this many tokens when scored.
     :param info: provenance and figures (JSON-serialisable), saved with the model.
+    :param device: where the encoder and head run (``"cpu"``, ``"cuda"``, a ``torch.device``);
+        ``None``: leave them where they are. Texts are tokenized on the CPU and moved there; scores
+        come back as CPU numpy arrays either way.
     :raises ValueError: the head does not map ``hidden_size`` features to one score, or
         ``max_length < 2``.
     """
 
     def __init__(self, encoder: torch.nn.Module, tokenizer: Any, head: torch.nn.Linear,
-                 max_length: int = 256, info: dict | None = None):
+                 max_length: int = 256, info: dict | None = None, device: str | torch.device | None = None):
         hidden = encoder.config.hidden_size
         if not isinstance(head, torch.nn.Linear) or head.in_features != hidden or head.out_features != 1:
             raise ValueError(f"head must be torch.nn.Linear({hidden}, 1), got {head!r}")
@@ -67,6 +70,8 @@ class FineTunedRewardModel:
         self.encoder, self.tokenizer, self.head = encoder, tokenizer, head
         self.max_length = int(max_length)
         self.info = dict(info or {})
+        if device is not None:
+            self.to(device)
 
     # --- construction -------------------------------------------------------------------------
 
@@ -103,7 +108,7 @@ class FineTunedRewardModel:
 
     @classmethod
     def load(cls, directory: str | Path, encoder_path: str | Path | None = None,
-             merge: bool = True) -> FineTunedRewardModel:
+             merge: bool = True, device: str | torch.device | None = None) -> FineTunedRewardModel:
         """Load a model saved by :meth:`save`, on top of its base encoder.
 
         :param directory: holds ``adapter_config.json``, ``adapter_model.safetensors`` and
@@ -112,6 +117,7 @@ class FineTunedRewardModel:
             all-MiniLM-L6-v2 (:func:`textgym.assets.minilm_path`).
         :param merge: fold the adapter into the encoder weights (``merge_and_unload``) for faster
             scoring; scores then differ from the unmerged model by float rounding (~1e-6) only.
+        :param device: see the class.
         :return: the model, in eval mode.
         :raises FileNotFoundError: a file is missing from ``directory``.
         :raises textgym.assets.AssetError: the default encoder could not be fetched.
@@ -134,17 +140,18 @@ class FineTunedRewardModel:
             head.weight.copy_(torch.tensor([saved["weight"]], dtype=torch.float32))
             head.bias.fill_(float(saved["bias"]))
         model = cls(encoder, AutoTokenizer.from_pretrained(encoder_path), head,
-                    saved["max_length"], saved.get("info"))
+                    saved["max_length"], saved.get("info"), device)
         return model.eval()
 
     @classmethod
-    def pretrained(cls) -> FineTunedRewardModel:
+    def pretrained(cls, device: str | torch.device | None = None) -> FineTunedRewardModel:
         """The shipped model (``textgym/data/reward_model``) on the pinned all-MiniLM-L6-v2.
 
+        :param device: see the class.
         :raises textgym.assets.AssetError: the encoder could not be fetched.
         """
         with resources.as_file(resources.files("textgym").joinpath("data", REWARD_MODEL_DIR)) as path:
-            return cls.load(path)
+            return cls.load(path, device=device)
 
     def save(self, directory: str | Path) -> Path:
         """Write the adapter (``peft`` ``save_pretrained``: safetensors + json) and :data:`HEAD_FILE`.
@@ -172,6 +179,17 @@ class FineTunedRewardModel:
 
     # --- scoring ------------------------------------------------------------------------------
 
+    @property
+    def device(self) -> torch.device:
+        """The device the head (and encoder) run on."""
+        return self.head.weight.device
+
+    def to(self, device: str | torch.device) -> FineTunedRewardModel:
+        """Move the encoder and head to ``device``; returns ``self``."""
+        self.encoder.to(device)
+        self.head.to(device)
+        return self
+
     def train(self, mode: bool = True) -> FineTunedRewardModel:
         """Set training (dropout on) or eval mode for the encoder and head; returns ``self``."""
         self.encoder.train(mode)
@@ -192,13 +210,13 @@ class FineTunedRewardModel:
 
         :param texts: non-empty list of strings.
         :param max_length: truncation in tokens; default: ``self.max_length``.
-        :return: ``float32`` tensor ``(len(texts),)``.
+        :return: ``float32`` tensor ``(len(texts),)`` on :attr:`device`.
         :raises ValueError: ``texts`` is empty or holds a non-string.
         """
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"texts must be a non-empty list of strings, got {texts!r:.200}")
         batch = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
-                               max_length=max_length or self.max_length)
+                               max_length=max_length or self.max_length).to(self.device)
         hidden = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         return self.head(mean_pool(hidden, batch["attention_mask"]))[:, 0]
 
@@ -213,7 +231,7 @@ class FineTunedRewardModel:
         self.eval()
         try:
             with torch.no_grad():
-                chunks = [self.forward(texts[i:i + batch_size]).numpy()
+                chunks = [self.forward(texts[i:i + batch_size]).cpu().numpy()
                           for i in range(0, len(texts), batch_size)]
         finally:
             self.train(was_training)

@@ -26,24 +26,25 @@ class SentimentRewardModel:
     used a sentiment classifier's logit as reward.
 
     :param head: ``{"weight": list[float] (384,), "bias": float}``; default: the packaged head.
+    :param device: where the encoder runs; scores come back as CPU numpy arrays either way.
     :raises textgym.assets.AssetError: the encoder could not be fetched.
     """
 
-    def __init__(self, head: dict | None = None):
+    def __init__(self, head: dict | None = None, device: str | torch.device = "cpu"):
         from transformers import AutoModel, AutoTokenizer
 
         head = head or load_sentiment_head()
         path = assets.minilm_path()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.encoder = AutoModel.from_pretrained(path).eval()
-        self.weight = torch.tensor(head["weight"], dtype=torch.float32)
+        self.encoder = AutoModel.from_pretrained(path).eval().to(device)
+        self.weight = torch.tensor(head["weight"], dtype=torch.float32, device=device)
         self.bias = float(head["bias"])
 
     def __call__(self, prompts: list[str], completions: list[str]) -> np.ndarray:
         """Score each ``prompt + completion``; returns ``float32`` logits of shape ``(n,)``."""
         texts = [p + c for p, c in zip(prompts, completions, strict=True)]
         embeddings = mean_pooled_embeddings(self.encoder, self.tokenizer, texts)
-        return (embeddings @ self.weight + self.bias).numpy()
+        return (embeddings @ self.weight + self.bias).cpu().numpy()
 
 
 def load_sentiment_head() -> dict:
