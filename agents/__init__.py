@@ -9,6 +9,10 @@
 - :class:`SampleTextCallback`: sampled prompts, completions and rewards in TensorBoard and on the console.
 - :class:`RollingCheckpointCallback`: the last K checkpoints, optionally without optimizer state.
 - :func:`export_pretrained`: a Hugging Face model directory (LM, tokenizer, value head, model card).
+
+:mod:`agents.zoo` (rl-baselines3-zoo support: yaml-friendly callbacks, a tuning sampler for text,
+``python -m agents.zoo`` to replay a zoo-trained model) is not imported here: importing it changes
+the zoo's PPO sampler table.
 """
 
 from agents.buffers import EpisodeRolloutBuffer
