@@ -23,8 +23,9 @@ and this module supplies them as class paths the yaml can name:
   agents.zoo`` installs it explicitly.
 
 ``python -m agents.zoo --env TextGen-Keyword-v0 -f logs`` replays a model the zoo trained and prints
-prompts, completions and rewards (the zoo's own ``rl_zoo3.enjoy`` prints only rewards and lengths:
-it asks the env for ``render_mode="human"``, which a text env does not have); see :func:`main`.
+prompts, completions and rewards as a table, sampling by default (the zoo's own ``rl_zoo3.enjoy``
+works too: it asks for ``render_mode="human"``, in which the text envs print each finished episode,
+but it takes the most likely token and counts ``-n`` in steps); see :func:`main`.
 """
 
 from __future__ import annotations
@@ -345,8 +346,8 @@ def sample_completions(model, env_id: str, n_episodes: int = 8, env_kwargs: dict
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """``python -m agents.zoo``: replay a zoo-trained text model and print its completions and rewards.
 
-    The text counterpart of ``python -m rl_zoo3.enjoy`` (which prints rewards and episode lengths
-    but no text). Finds the model as enjoy does (``-f``, ``--algo``, ``--exp-id``, ``--load-best``,
+    The table counterpart of ``python -m rl_zoo3.enjoy`` (which prints each finished episode's
+    text through ``render_mode="human"``, greedy). Finds the model as enjoy does (``-f``, ``--algo``, ``--exp-id``, ``--load-best``,
     ``--load-checkpoint``, ``--load-last-checkpoint``), runs ``-n`` *episodes* (enjoy's ``-n`` counts
     steps), prints a table of prompt, completion and reward components
     (:func:`agents.callbacks.samples_table`) and the mean reward. Samples by default;

@@ -76,6 +76,15 @@ def test_terminates_not_truncates_at_max_new_tokens(make_tiny_env):
     assert env.render() == "one two good good good"
 
 
+def test_human_render_mode_prints_each_finished_episode(make_tiny_env, capsys):
+    env = make_tiny_env(max_new_tokens=2, render_mode="human")
+    env.reset(options={"prompt": "one two"})
+    env.step(GOOD)
+    assert capsys.readouterr().out == "" and env.render() is None
+    env.step(GOOD)
+    assert capsys.readouterr().out == "one two good good  [reward +0.500]\n"
+
+
 def test_works_in_sb3_vec_env(tiny_env_kwargs):
     vec_env = make_vec_env("TextGen-v0", n_envs=3, seed=1, env_kwargs=tiny_env_kwargs)
     obs = vec_env.reset()
@@ -112,7 +121,7 @@ def test_dataset_like_prompt_source(make_tiny_env):
         ({"reward_model": lambda p, c: [1.0, 2.0]}, ValueError, "one float per completion"),
         ({"reward_model": lambda p, c: [math.nan]}, ValueError, "non-finite"),
         ({"reward_model": 3}, TypeError, "callable"),
-        ({"render_mode": "human"}, TypeError, "render_mode"),
+        ({"render_mode": "video"}, TypeError, "render_mode"),
     ],
 )
 def test_bad_construction_fails_early_and_clearly(make_tiny_env, kwargs, error, match):

@@ -100,10 +100,11 @@ def test_train_writes_checkpoints_and_tensorboard_and_the_model_replays(tmp_path
         assert set(episode) == {"prompt", "completion", "reward", "reward_components"}
         assert f"| {episode['prompt']} |" in out and 0.0 <= episode["reward"] <= 1.0
 
-    # The zoo's own replay runs with --no-render (it asks for render_mode="human") and prints no text.
+    # The zoo's own replay asks for render_mode="human": the env prints each finished episode's text.
     enjoyed = zoo("rl_zoo3.enjoy", "--algo", "ppo", "--env", KEYWORD, "--gym-packages", "textgym", "-f", "logs",
-                  "-n", "12", "--no-render", "--num-threads", "1", cwd=tmp_path)
+                  "-n", "12", "--num-threads", "1", cwd=tmp_path)
     assert "Mean reward:" in enjoyed.stdout and "Episode Length 4" in enjoyed.stdout
+    assert enjoyed.stdout.count("[reward ") == 3  # 12 steps: three 4-token episodes, each printed with its text
 
 
 def test_text_entry_trains_with_kl_penalty_on_a_tiny_model(tmp_path):

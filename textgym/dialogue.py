@@ -138,7 +138,8 @@ class DialogueEnv(gym.Env):
     - ``eos_token_id``: stop ids that end a *turn*: ``-1`` (default) the tokenizer's EOS and the
       template's end-of-turn token, or an id or list of ids.
     - ``vocab_size``: action-space size; default ``len(tokenizer)``.
-    - ``render_mode``: ``"ansi"`` (the conversation so far, as tokens decoded) or ``None``.
+    - ``render_mode``: ``"ansi"`` (``render()`` returns the conversation so far, as tokens decoded),
+      ``"human"`` (each finished episode's conversation and return are printed) or ``None``.
 
     The constructor checks the chat template (it must render replies verbatim and append turns
     without rewriting earlier ones) and plays one ``reset`` of the game, so a game that cannot
@@ -150,7 +151,7 @@ class DialogueEnv(gym.Env):
         ``render_mode`` is not ``"ansi"``/``None``.
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
 
     def __init__(
         self,
@@ -270,6 +271,8 @@ class DialogueEnv(gym.Env):
                        if isinstance(v, (bool, int, float)) and k != "score"}
             info.update(completion="\n".join(self._replies), messages=[dict(m) for m in self._messages],
                         game_info=game_info, reward_components={"score": self._return, **numbers})
+            if self.render_mode == "human":
+                print(f"{self._text()}\n[return {self._return:+.3f}]", flush=True)
         return self._observation(), float(reward), bool(terminated), truncated, info
 
     def _observation(self) -> dict:
@@ -289,7 +292,9 @@ class DialogueEnv(gym.Env):
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def render(self) -> str | None:
-        """``"ansi"``: the conversation so far as the model sees it (special tokens included)."""
-        if self.render_mode == "ansi":
-            return self.tokenizer.decode(self._prompt_tokens + self._context)
-        return None
+        """``"ansi"``: the conversation so far as the model sees it (special tokens included); ``None``
+        otherwise (``"human"`` prints at each episode's end instead)."""
+        return self._text() if self.render_mode == "ansi" else None
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self._prompt_tokens + self._context)

@@ -119,7 +119,10 @@ class TextGenEnv(gym.Env):
       generation prompt added (instruct models). Prompts may then also be conversations, lists of
       ``{"role", "content"}`` messages. A tokenizer without a chat template raises ``ValueError``.
     - ``system_prompt``: chat mode only: a system message put before every prompt that has none.
-    - ``render_mode``: ``"ansi"`` (``render()`` returns prompt + completion text) or ``None``.
+    - ``render_mode``: ``"ansi"`` (``render()`` returns prompt + completion text), ``"human"``
+      (every finished episode's text and reward are printed to stdout, as Gymnasium's toy-text
+      envs print their state; ``render()`` returns ``None``; what ``rl_zoo3.enjoy`` asks for) or
+      ``None``.
 
     The constructor tokenizes every prompt and calls the reward model once on the first prompt
     with an empty completion, so bad input fails here rather than during training.
@@ -129,7 +132,7 @@ class TextGenEnv(gym.Env):
       and named reward components added without changing the default behaviour.
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
 
     def __init__(
         self,
@@ -259,6 +262,8 @@ class TextGenEnv(gym.Env):
             components = reward_components(self.reward_fn([info["prompt"]], [completion]), 1)
             reward = float(components["score"][0])
             info.update(completion=completion, reward_components={k: float(v[0]) for k, v in components.items()})
+            if self.render_mode == "human":
+                print(f"{self._text()}  [reward {reward:+.3f}]", flush=True)
         return observation, reward, terminated, False, info
 
     def completion(self) -> str:
@@ -278,8 +283,9 @@ class TextGenEnv(gym.Env):
 
     def render(self) -> str | None:
         """``"ansi"``: the prompt (in chat mode: the rendered conversation) followed by the completion
-        so far; ``None`` without a render mode."""
-        if self.render_mode == "ansi":
-            prompt = self.tokenizer.decode(self._prompt_tokens) if self.chat_template else self._prompt
-            return prompt + self.completion()
-        return None
+        so far; ``None`` otherwise (``"human"`` prints at each episode's end instead)."""
+        return self._text() if self.render_mode == "ansi" else None
+
+    def _text(self) -> str:
+        prompt = self.tokenizer.decode(self._prompt_tokens) if self.chat_template else self._prompt
+        return prompt + self.completion()
