@@ -100,4 +100,4 @@ class CausalLMExtractor(BaseFeaturesExtractor):
         mask = observations["attention_mask"]
         hidden, offset = lm_hidden_states(self.lm, observations["input_ids"], mask)
         rows = th.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows, last_token_index(mask) - offset]
+        return hidden[rows, last_token_index(mask) - offset].float()

@@ -18,6 +18,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from agents.extractor import load_causal_lm
 from agents.lora import adapters_disabled
+from agents.precision import output_logits
 from agents.prefix_sharing import last_token_features
 
 
@@ -93,7 +94,7 @@ def reference_log_probs(reference, input_ids: th.Tensor, attention_mask: th.Tens
         for lo in range(0, len(actions), chunk_size):
             rows = slice(lo, lo + chunk_size)
             features = last_token_features(reference, input_ids[rows], attention_mask[rows])
-            logits = reference.get_output_embeddings()(features).float()
+            logits = output_logits(reference, features)
             if logit_mask is not None:
                 logits = logits.masked_fill(logit_mask, th.finfo(logits.dtype).min)
             chosen = logits.gather(-1, actions[rows].long().view(-1, 1)).squeeze(-1)

@@ -246,7 +246,7 @@ class RolloutKVCache:
         if not layers or any(getattr(layer, "keys", None) is None or layer.is_sliding for layer in layers):
             raise RuntimeError(f"{type(self.lm).__name__} does not return a DynamicCache of full-attention "
                                "layers; turn KV-cached rollouts off with policy_kwargs=dict(kv_cache=False)")
-        return out.last_hidden_state[:, -1], [(layer.keys, layer.values) for layer in layers], mask
+        return out.last_hidden_state[:, -1].float(), [(layer.keys, layer.values) for layer in layers], mask
 
     def _store(self, parts, batch: int) -> None:
         """Merge the rows' new caches into one right-aligned cache and drop all-padding columns."""

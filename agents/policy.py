@@ -13,6 +13,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from agents.extractor import CausalLMExtractor
 from agents.kv_cache import RolloutKVCache
 from agents.lora import add_lora, lora_config_dict
+from agents.precision import MasterWeights, output_logits
 from agents.prefix_sharing import covering_rows, last_token_features
 
 UNGROUPED_WARNING = (
@@ -50,6 +51,13 @@ class TransformerPolicy(ActorCriticPolicy):
     :param model_name_or_path: LM to load; default: the observation space's ``model_name_or_path``,
         i.e. the model whose tokenizer the env uses.
     :param from_pretrained_kwargs: extra ``from_pretrained`` arguments (``revision``, ...).
+    :param dtype: the LM's precision, e.g. ``torch.bfloat16`` (or ``"bfloat16"``; the same as
+        ``from_pretrained_kwargs=dict(dtype=...)``); default float32. In low precision the LM's
+        forward and backward run in that dtype, while the value head, the log-softmax, PPO's ratios
+        and losses stay float32, and the optimizer steps float32 master copies of the LM's weights
+        (:class:`agents.precision.MasterWeights`; Micikevicius et al. 2018), because Adam's
+        fine-tuning-sized updates would mostly round away in bfloat16. LoRA adapters are float32
+        already (peft), so a LoRA policy needs no master copies.
     :param value_learning_rate: learning rate of a separate optimizer (same class and kwargs) for
         the value head; ``None``: one optimizer for everything, at SB3's learning rate. Adam moves
         every weight by about the learning rate per step, so a new value head trained at a
@@ -109,6 +117,7 @@ class TransformerPolicy(ActorCriticPolicy):
         kv_cache: bool = True,
         forbid_special_tokens: bool = False,
         forbidden_token_ids: list[int] | None = None,
+        dtype: th.dtype | str | None = None,
         net_arch: list[int] | dict[str, list[int]] | None = None,
         ortho_init: bool = False,
         **kwargs: Any,
@@ -125,7 +134,9 @@ class TransformerPolicy(ActorCriticPolicy):
             raise ValueError(f"net_arch={net_arch!r} adds actor layers, but the actor is the LM's own "
                              "head; use net_arch=dict(pi=[], vf=[...]) to deepen the value head only")
         self.model_name_or_path = model_name_or_path
-        self.from_pretrained_kwargs = from_pretrained_kwargs or {}
+        self.from_pretrained_kwargs = dict(from_pretrained_kwargs or {})
+        if dtype is not None:
+            self.from_pretrained_kwargs["dtype"] = _as_dtype(dtype)
         self.share_prefix_forward = share_prefix_forward
         self.lora_config = None if lora_config is None else lora_config_dict(lora_config)
         self.kv_cache = kv_cache
@@ -165,20 +176,18 @@ class TransformerPolicy(ActorCriticPolicy):
         self.value_net = th.nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
         th.nn.init.zeros_(self.value_net.weight)
         th.nn.init.zeros_(self.value_net.bias)
-        if self.value_learning_rate is None:
-            self.optimizer = self.optimizer_class(self._trainable(self.parameters()), lr=lr_schedule(1), **self.optimizer_kwargs)
-            return
         value_params = [*self.value_net.parameters(), *self.mlp_extractor.value_net.parameters()]
         value_ids = {id(p) for p in value_params}
-        lm_params = [p for p in self.parameters() if id(p) not in value_ids]
-        self.optimizer = self.optimizer_class(self._trainable(lm_params), lr=lr_schedule(1), **self.optimizer_kwargs)
-        self.value_optimizer = self.optimizer_class(value_params, lr=self.value_learning_rate, **self.optimizer_kwargs)
-        self.optimizer.register_step_post_hook(self._step_value_optimizer)
-
-    @staticmethod
-    def _trainable(parameters) -> list[th.nn.Parameter]:
+        shared = self.value_learning_rate is None
+        params = [p for p in self.parameters() if shared or id(p) not in value_ids]
         # With LoRA the LM's own weights are frozen: leave them out of the optimizer.
-        return [p for p in parameters if p.requires_grad]
+        self.master_weights = MasterWeights(p for p in params if p.requires_grad)
+        self.optimizer = self.optimizer_class(self.master_weights.masters, lr=lr_schedule(1), **self.optimizer_kwargs)
+        if self.master_weights.low_precision:
+            self.master_weights.attach(self.optimizer)
+        if not shared:
+            self.value_optimizer = self.optimizer_class(value_params, lr=self.value_learning_rate, **self.optimizer_kwargs)
+            self.optimizer.register_step_post_hook(self._step_value_optimizer)
 
     def _step_value_optimizer(self, optimizer, args, kwargs) -> None:
         # SB3 zeroes, clips and steps only self.optimizer; the value head's gradients were clipped
@@ -209,7 +218,7 @@ class TransformerPolicy(ActorCriticPolicy):
         obs = {"input_ids": ids, "attention_mask": th.ones_like(ids)}
         with th.no_grad():
             expected = self.lm(input_ids=ids, attention_mask=th.ones_like(ids)).logits[0, -1].float()
-            got = self.lm.get_output_embeddings()(self.features_extractor(obs)).float()[0]
+            got = output_logits(self.lm, self.features_extractor(obs))[0]
         gap = float((got - expected).abs().max())
         if gap > 1e-3 * max(1.0, float(expected.abs().max())):
             config = self.lm.config.get_text_config()
@@ -248,7 +257,7 @@ class TransformerPolicy(ActorCriticPolicy):
 
     def _get_action_dist_from_latent(self, latent_pi: th.Tensor):
         """SB3's categorical distribution over the action logits, with :attr:`logit_mask` applied."""
-        logits = self.action_net(latent_pi)
+        logits = self.action_net(latent_pi.to(self.action_net.weight.dtype)).float()
         if self.logit_mask is not None:
             logits = logits.masked_fill(self.logit_mask, th.finfo(logits.dtype).min)
         return self.action_dist.proba_distribution(action_logits=logits)
@@ -333,6 +342,18 @@ class TransformerPolicy(ActorCriticPolicy):
                     forbidden_token_ids=self.forbidden_token_ids,
                     value_learning_rate=self.value_learning_rate)
         return data
+
+
+def _as_dtype(dtype: th.dtype | str) -> th.dtype:
+    """``torch.bfloat16`` from ``torch.bfloat16``, ``"bfloat16"`` or ``"torch.bfloat16"``.
+
+    :raises ValueError: not a floating-point torch dtype.
+    """
+    value = getattr(th, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if not isinstance(value, th.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype (torch.bfloat16, torch.float16, "
+                         f"torch.float32), got {dtype!r}")
+    return value
 
 
 def _check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> None:

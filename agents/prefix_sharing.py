@@ -46,9 +46,10 @@ def last_token_features(lm, input_ids: th.Tensor, attention_mask: th.Tensor) -> 
     :param lm: a transformers causal LM (see :func:`agents.extractor.lm_hidden_states`).
     :param input_ids: ``(B, L)`` integer token ids.
     :param attention_mask: ``(B, L)`` 0/1, one contiguous block of ones per row.
-    :return: ``float32 (B, hidden_size)``, equal (up to float rounding) to running every row alone.
+    :return: ``float32 (B, hidden_size)`` (whatever the LM's dtype), equal (up to float rounding) to
+        running every row alone.
     """
     ids, mask = input_ids.long(), attention_mask.long()
     groups, group_of_row = th.unique(covering_rows(ids, mask), return_inverse=True)
     hidden, offset = lm_hidden_states(lm, ids[groups], mask[groups])
-    return hidden[group_of_row, last_token_index(mask) - offset]
+    return hidden[group_of_row, last_token_index(mask) - offset].float()
