@@ -20,6 +20,12 @@ Every case runs in a fresh subprocess, so its peak RSS is its own. Tables:
    chain_sum with its verifier): seconds per iteration split into rollout (policy + env), reward
    model, reference model and update.
 4. **Torch threads**: the first rollout and update case of SmolLM2 with 1 and 2 threads.
+5. **Multi-turn rollout** (``--tables dialogue``): agent tokens/s of ``collect_rollouts`` on
+   :class:`textgym.dialogue.DialogueEnv` episodes of ``--turns`` replies of ``T`` tokens each
+   (the opening of TextArena's GuessTheNumber, a fixed hint after each reply), against the
+   turn-level way of writing the same replies: ``generate`` of ``T`` tokens per turn on the
+   whole conversation so far, re-encoded through the chat template each turn (what a library
+   that steps once per reply does). The iteration table (3) also has the TextArena demo's job.
 
 Models: ``tiny`` (2-layer GPT-2), ``smollm2`` (SmolLM2-135M-Instruct continuing 6-word movie-review
 openings) and ``smollm2-chat`` (the same LM in chat mode on the reasoning demo's questions: the
@@ -41,6 +47,8 @@ import time
 import numpy as np
 import torch
 
+from textgym.dialogue import DialogueGame
+
 def zero_reward(prompts: list[str], completions: list[str]) -> list[float]:
     """Constant reward: keeps the reward model out of the decoding comparison."""
     return [0.0] * len(prompts)
@@ -49,6 +57,11 @@ def zero_reward(prompts: list[str], completions: list[str]) -> list[float]:
 REASONING_JOB = dict(task="chain_sum", task_config=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1),
                      max_new_tokens=16)
 """``examples/train_reasoning.py``'s task: reasoning-gym chain_sum, two 1-digit terms, 16 new tokens."""
+
+
+TEXTARENA_JOB = dict(game="GuessTheNumber-v0", max_reply_tokens=8, max_prompt_tokens=256, max_context_tokens=384,
+                     system_prompt="You are playing a game. Read the rules carefully and always answer in the required format.")
+"""``examples/train_textarena.py``'s job: TextArena GuessTheNumber, 8-token replies (its "reward model" is the game)."""
 
 
 def rollout_env_kwargs(model: str, tmp: str, max_new_tokens: int) -> dict:
@@ -181,16 +194,20 @@ def case_update(model: str, n_envs: int, max_new_tokens: int, batch_size: int = 
 
 
 def case_iteration(n_envs: int, max_new_tokens: int, iterations: int, env_id: str = "TextGen-v0",
-                   env_kwargs: dict | None = None) -> dict:
-    """Table 3: seconds per PPO iteration of a job (default: the sentiment defaults), split by component."""
+                   env_kwargs: dict | None = None, policy_kwargs: dict | None = None) -> dict:
+    """Table 3: seconds per PPO iteration of a job (default: the sentiment defaults), split by component;
+    ``policy_kwargs`` go to :func:`agents.text_ppo_kwargs` (e.g. ``{"dtype": "bfloat16"}``)."""
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env
 
     import textgym  # noqa: F401
     from agents import AdaptiveKLController, KLPenaltyCallback, TransformerPolicy, text_ppo_kwargs
 
-    env = make_vec_env(env_id, n_envs=n_envs, seed=0, env_kwargs=dict(env_kwargs or {}, max_new_tokens=max_new_tokens))
-    ppo = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs())
+    env_kwargs = dict(env_kwargs or {})
+    if env_id.startswith("TextGen-"):
+        env_kwargs["max_new_tokens"] = max_new_tokens
+    env = make_vec_env(env_id, n_envs=n_envs, seed=0, env_kwargs=env_kwargs)
+    ppo = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(policy_kwargs=policy_kwargs))
     clock = {"reward model": 0.0, "reference model": 0.0, "update": 0.0, "collect": 0.0}
 
     def timed(name, fn):
@@ -202,7 +219,10 @@ def case_iteration(n_envs: int, max_new_tokens: int, iterations: int, env_id: st
         return wrapper
 
     for e in env.envs:
-        e.unwrapped.reward_fn = timed("reward model", e.unwrapped.reward_fn)
+        if hasattr(e.unwrapped, "reward_fn"):
+            e.unwrapped.reward_fn = timed("reward model", e.unwrapped.reward_fn)
+        else:  # a dialogue: the game scores the replies
+            e.unwrapped.game.respond = timed("reward model", e.unwrapped.game.respond)
     kl = KLPenaltyCallback(AdaptiveKLController(0.05, target=4.0))
     kl._on_rollout_end = timed("reference model", kl._on_rollout_end)
     ppo.collect_rollouts = timed("collect", ppo.collect_rollouts)
@@ -220,7 +240,80 @@ def case_iteration(n_envs: int, max_new_tokens: int, iterations: int, env_id: st
     return seconds
 
 
-TABLES = ["rollout", "update", "iteration", "threads"]
+class FixedAnswers(DialogueGame):
+    """A :class:`textgym.dialogue.DialogueGame` for timing: TextArena GuessTheNumber's opening, then the
+    same hint after every reply, over after ``turns`` replies (reward 0)."""
+
+    HINT = "The target number is higher."
+
+    def __init__(self, turns: int):
+        from textgym.tasks.textarena import TextArenaGame
+
+        self.turns, self.replies = turns, 0
+        self.opening = TextArenaGame("GuessTheNumber-v0").reset(seed=0)
+
+    def reset(self, seed=None) -> str:
+        self.replies = 0
+        return self.opening
+
+    def respond(self, reply: str):
+        self.replies += 1
+        return self.HINT, 0.0, self.replies >= self.turns
+
+    def info(self) -> dict:
+        return {}
+
+
+def turn_level_generate_seconds(lm, tokenizer, opening: str, n_envs: int, reply_tokens: int, turns: int) -> float:
+    """Seconds to write ``turns`` replies of ``reply_tokens`` tokens for ``n_envs`` conversations with
+    ``generate``, re-encoding each conversation through the chat template every turn."""
+    from transformers import GenerationConfig
+
+    from textgym.chat import render_chat
+
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=reply_tokens,
+                              min_new_tokens=reply_tokens, use_cache=True, pad_token_id=tokenizer.pad_token_id)
+    tokenizer.padding_side = "left"
+    conversations = [[{"role": "user", "content": opening}] for _ in range(n_envs)]
+    start = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(turns):
+            batch = tokenizer.pad({"input_ids": [render_chat(tokenizer, c) for c in conversations]}, return_tensors="pt")
+            out = lm.generate(**batch, generation_config=config)
+            for conversation, reply in zip(conversations, out[:, batch["input_ids"].shape[1]:]):
+                text = tokenizer.decode(reply, skip_special_tokens=True)
+                conversation += [{"role": "assistant", "content": text}, {"role": "user", "content": FixedAnswers.HINT}]
+    return time.perf_counter() - start
+
+
+def case_dialogue(model: str, n_envs: int, reply_tokens: int, turns: int) -> dict:
+    """Table 5: agent tokens/s of KV-cached ``collect_rollouts`` on multi-turn episodes vs turn-level ``generate``."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from agents import TransformerPolicy, text_ppo_kwargs
+    from textgym.dialogue import DialogueEnv
+    from textgym.tiny import save_tiny_lm
+
+    tokens = n_envs * turns * reply_tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        kwargs = dict(game=FixedAnswers(turns), eos_token_id=None, max_reply_tokens=reply_tokens,
+                      max_prompt_tokens=200, max_context_tokens=turns * (reply_tokens + 16))
+        if model == "tiny":
+            kwargs.update(model_name_or_path=str(save_tiny_lm(tmp, n_positions=512, chat=True)))
+        env = make_vec_env(DialogueEnv, n_envs=n_envs, seed=0, env_kwargs=kwargs)
+        ppo = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=turns * reply_tokens))
+        seconds = timed_rollouts(ppo, 3)[1:]
+        lm, game = ppo.policy.lm, env.envs[0].unwrapped
+        generate = [turn_level_generate_seconds(lm, game.tokenizer, game.game.opening, n_envs, reply_tokens, turns)
+                    for _ in range(3)][1:]
+    result = {"cached": tokens / min(seconds), "generate": tokens / min(generate),
+              "context_tokens": int(ppo.rollout_buffer.observations["attention_mask"][-1].sum(-1).max())}
+    result["ratio"] = result["cached"] / result["generate"]
+    return result
+
+
+TABLES = ["rollout", "update", "iteration", "threads", "dialogue"]
 MODELS = ["tiny", "smollm2", "smollm2-chat"]
 
 
@@ -234,7 +327,8 @@ def run_case(args: argparse.Namespace, case: list, threads: int | None = None) -
 def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     kind, *params = json.loads(args.case)
-    result = {"rollout": case_rollout, "update": case_update, "iteration": case_iteration}[kind](*params)
+    cases = {"rollout": case_rollout, "update": case_update, "iteration": case_iteration, "dialogue": case_dialogue}
+    result = cases[kind](*params)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
@@ -270,10 +364,11 @@ def update_table(args: argparse.Namespace, results: dict) -> None:
 def iteration_table(args: argparse.Namespace) -> None:
     jobs = {"sentiment (train_sentiment.py)": ("TextGen-v0", {}),
             "reasoning, chat (train_reasoning.py)": ("TextGen-Reasoning-v0", {k: v for k, v in REASONING_JOB.items()
-                                                                             if k != "max_new_tokens"})}
+                                                                             if k != "max_new_tokens"}),
+            "TextArena GuessTheNumber, multi-turn (train_textarena.py)": ("TextArena-v0", TEXTARENA_JOB)}
     print(f"\nPPO iteration of the examples' jobs (SmolLM2-135M, {args.n_envs} envs x 32 steps, 16 new tokens, "
           f"KL penalty): seconds per iteration, mean of {args.iterations}\n")
-    print("| job | rollout (policy + env) | reward model | reference model | update | total | peak RSS (MiB) |")
+    print("| job | rollout (policy + env) | reward model (or game) | reference model | update | total | peak RSS (MiB) |")
     print("|---|---|---|---|---|---|---|")
     for name, (env_id, env_kwargs) in jobs.items():
         r = run_case(args, ["iteration", args.n_envs, 16, args.iterations, env_id, env_kwargs])
@@ -294,6 +389,20 @@ def threads_table(args: argparse.Namespace, results: dict) -> None:
         print(f"| {threads} | {rollout['cached']:.1f} | {rollout['generate']:.1f} | {update['grouped']:.1f} |", flush=True)
 
 
+def dialogue_table(args: argparse.Namespace) -> None:
+    print(f"\nMulti-turn rollout: agent tokens/s over {args.turns} turns of T tokens, KV-cached collect_rollouts vs "
+          "turn-level generate (each turn re-encodes the conversation)\n")
+    print("| model | T | turns | context tokens at the end | collect_rollouts, KV cache | turn-level generate | ratio | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for model in args.models:
+        if model == "smollm2-chat":
+            continue  # the dialogue env is always in chat mode: "smollm2" is the same case
+        for t in args.max_new_tokens:
+            r = run_case(args, ["dialogue", model, args.n_envs, t, args.turns])
+            print(f"| {model} | {t} | {args.turns} | {r['context_tokens']} | {r['cached']:.1f} | {r['generate']:.1f} | "
+                  f"{r['ratio']:.2f} | {r['peak_rss_mib']:.0f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
@@ -303,6 +412,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2, help="timed PPO iterations on the defaults")
     parser.add_argument("--tables", nargs="+", default=TABLES, choices=TABLES,
                         help="which tables; 'threads' re-runs the last model's first rollout and update case with 1 and 2 threads")
+    parser.add_argument("--turns", type=int, default=4, help="replies per multi-turn episode (dialogue table)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -321,6 +431,8 @@ def main() -> None:
         iteration_table(args)
     if "threads" in args.tables:
         threads_table(args, results)
+    if "dialogue" in args.tables:
+        dialogue_table(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""Fine-tune SmolLM2-135M-Instruct with SB3 PPO on a multi-turn TextArena game, token by token.
+
+``TextArena-v0`` (:mod:`textgym.tasks.textarena`) plays one of TextArena's single-player games
+through :class:`textgym.dialogue.DialogueEnv`: the game's messages are user turns of SmolLM2's chat
+template, every token of every reply is one PPO step, the game's answers are context tokens (no
+step, no log-prob, no KL), and TextArena's final reward ends the episode. The default game,
+``GuessTheNumber-v0`` (a number in 1..20, 10 guesses written as ``[n]``, hints "higher"/"lower";
+reward 1 for a win, else how close the last valid guess was, and a second invalid reply in a row
+ends the game), was chosen by measurement: the base model wins about 3% of games and scores
+0.12, while on ``Secretary-v0``, ``Blackjack-v0`` and ``ThreeCardMonte-v0`` it never once wrote a
+valid move (nothing to reinforce). After training, :func:`agents.evaluate_against_reference`
+plays the pretrained reference and the trained policy on the same unseen game seeds and prints
+reward, win rate, invalid-move rate, turns, KL and length::
+
+    python examples/train_textarena.py                          # ~20 min on a 2-core CPU
+    python examples/train_textarena.py --game Bandit-v0 --timesteps 4096
+    tensorboard --logdir runs/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.env_util import make_vec_env
+
+import textgym  # noqa: F401  (registers TextArena-v0)
+from agents import (AdaptiveKLController, KLPenaltyCallback, SampleTextCallback, TransformerPolicy,
+                    evaluate_against_reference, text_ppo_kwargs)
+
+SYSTEM_PROMPT = "You are playing a game. Read the rules carefully and always answer in the required format."
+
+
+def check_reward(results: dict) -> bool:
+    """Print whether the mean game reward rose by more than 2 s.e.; True if it did."""
+    ref, trained = results["reference"], results["trained"]
+    gain, gain_se = trained.reward_mean - ref.reward_mean, (trained.reward_sem ** 2 + ref.reward_sem ** 2) ** 0.5
+    ok = gain > 2 * gain_se
+    print(f"\n{'ok     ' if ok else 'WARNING'} game reward {ref.reward_mean:.3f} -> {trained.reward_mean:.3f}: "
+          f"{gain:+.3f} ± {gain_se:.3f} s.e. ({'more' if ok else 'less'} than 2 s.e.)")
+    return ok
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--game", default="GuessTheNumber-v0", help="TextArena single-player game id")
+    parser.add_argument("--game-kwargs", type=json.loads, default={}, help="the game's arguments as JSON")
+    parser.add_argument("--timesteps", type=int, default=4096, help="environment steps (= tokens the agent wrote)")
+    parser.add_argument("--n-envs", type=int, default=8)
+    parser.add_argument("--max-reply-tokens", type=int, default=8, help="per-turn token limit (a guess '[12]' is 4)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=256)
+    parser.add_argument("--max-context-tokens", type=int, default=384)
+    parser.add_argument("--learning-rate", type=float, default=2e-5)
+    parser.add_argument("--n-steps", type=int, default=32, help="steps per env per rollout")
+    parser.add_argument("--eval-episodes", type=int, default=128)
+    parser.add_argument("--kl-coef", type=float, default=0.05, help="initial KL coefficient beta; 0 disables the penalty")
+    parser.add_argument("--kl-target", type=float, default=4.0, help="target KL per episode (nats) of the adaptive controller")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tensorboard-log", default="runs/")
+    parser.add_argument("--save", default=None, help="path to save the trained model (SB3 zip)")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    env_kwargs = dict(game=args.game, game_kwargs=args.game_kwargs, system_prompt=SYSTEM_PROMPT,
+                      max_reply_tokens=args.max_reply_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                      max_context_tokens=args.max_context_tokens)
+    train_env = make_vec_env("TextArena-v0", n_envs=args.n_envs, seed=args.seed, env_kwargs=env_kwargs)
+    model = PPO(TransformerPolicy, train_env, seed=args.seed, verbose=1, tensorboard_log=args.tensorboard_log,
+                **text_ppo_kwargs(learning_rate=args.learning_rate, n_steps=args.n_steps))
+    kl = KLPenaltyCallback(AdaptiveKLController(args.kl_coef, target=args.kl_target)) if args.kl_coef > 0 else None
+    samples = SampleTextCallback(n_samples=2)
+    model.learn(total_timesteps=args.timesteps, progress_bar=True, tb_log_name=f"textarena_{args.game}",
+                callback=[c for c in (kl, samples) if c is not None])
+    train_seconds = time.perf_counter() - start
+
+    print("\nunseen game seeds: 'reference' = the pretrained model (before training), 'trained' = after")
+    eval_env = make_vec_env("TextArena-v0", n_envs=args.n_envs, env_kwargs=env_kwargs)
+    results = evaluate_against_reference(model, eval_env, n_episodes=args.eval_episodes, seed=10_000 + args.seed,
+                                         kv_cache=True, tensorboard_log=model.logger.get_dir(), tag="heldout",
+                                         step=model.num_timesteps)
+    check_reward(results)
+    print(f"\nwall time {time.perf_counter() - start:.0f} s ({train_seconds:.0f} s to load and train "
+          f"{args.timesteps} steps), torch threads {args.threads}")
+    if args.save:
+        model.save(args.save)
+
+
+if __name__ == "__main__":
+    main()
