@@ -232,16 +232,14 @@ class TransformerPolicy(ActorCriticPolicy):
 
     def _logit_mask(self) -> th.Tensor | None:
         """Bool ``(vocab,)``: True for token ids the policy never samples (see the class doc)."""
-        from textgym.chat import end_of_turn_token_id, special_token_ids
+        from textgym.chat import special_token_ids, stop_token_ids
         from textgym.env import load_tokenizer
 
         vocab = self.action_space.n
         tokenizer = load_tokenizer(getattr(self.observation_space, "model_name_or_path", None) or self.model_name_or_path)
         masked = set(range(len(tokenizer), vocab))
         if self.forbid_special_tokens:
-            stops = {tokenizer.eos_token_id}
-            if getattr(tokenizer, "chat_template", None):
-                stops.add(end_of_turn_token_id(tokenizer))
+            stops = stop_token_ids(tokenizer, -1, chat_template=bool(getattr(tokenizer, "chat_template", None)))
             masked |= special_token_ids(tokenizer) - stops
         for i in self.forbidden_token_ids or ():
             if not 0 <= i < vocab:

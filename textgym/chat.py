@@ -96,6 +96,25 @@ def end_of_turn_token_id(tokenizer: Any) -> int | None:
     return next((i for i in reversed(full) if i in special), None)
 
 
+def stop_token_ids(tokenizer: Any, eos_token_id: Any, chat_template: bool) -> frozenset[int]:
+    """The token ids that end a generation (or, in a dialogue, a turn).
+
+    :param eos_token_id: ``-1``: the tokenizer's EOS and, with ``chat_template``, the template's
+        end-of-turn token (:func:`end_of_turn_token_id`); ``None``: none; an id or a list of ids
+        (as ``GenerationConfig.eos_token_id``).
+    :raises ValueError: anything else (negative or non-integer ids).
+    """
+    if eos_token_id is None:
+        return frozenset()
+    if eos_token_id == -1:
+        ids = {tokenizer.eos_token_id, end_of_turn_token_id(tokenizer) if chat_template else None}
+        return frozenset(i for i in ids if i is not None)
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not all(isinstance(i, int) and i >= 0 for i in ids):
+        raise ValueError(f"eos_token_id must be a token id, a list of token ids, -1 or None; got {eos_token_id!r}")
+    return frozenset(ids)
+
+
 _SENTINEL = "textgym-sentinel"
 """Stand-in message content used to find where the template puts a turn's closing text."""
 

@@ -176,7 +176,7 @@ class DialogueEnv(gym.Env):
         self.tokenizer = load_tokenizer(model_name_or_path)
         chat.check_chat_template(self.tokenizer, model_name_or_path)
         self.system_prompt = system_prompt
-        self.stop_token_ids = self._stop_token_ids(eos_token_id)
+        self.stop_token_ids = chat.stop_token_ids(self.tokenizer, eos_token_id, chat_template=True)
         self._closing = chat.turn_closing(self.tokenizer)
         chat.next_turn_text(self.tokenizer, "x")  # fails now if the template rewrites turns
         eot = chat.end_of_turn_token_id(self.tokenizer)
@@ -198,15 +198,6 @@ class DialogueEnv(gym.Env):
         self._done = True
         self.reset(seed=0)  # a game that cannot start, or a first turn that does not fit, fails here
         self._done = True
-
-    def _stop_token_ids(self, eos_token_id) -> frozenset[int]:
-        if eos_token_id == -1:
-            ids = {self.tokenizer.eos_token_id, chat.end_of_turn_token_id(self.tokenizer)}
-            return frozenset(i for i in ids if i is not None)
-        ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        if not all(isinstance(i, int) and i >= 0 for i in ids):
-            raise ValueError(f"eos_token_id must be a token id, a list of token ids, -1 or None; got {eos_token_id!r}")
-        return frozenset(ids)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Start a game, seeded from ``self.np_random``.

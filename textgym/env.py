@@ -159,7 +159,7 @@ class TextGenEnv(gym.Env):
             chat.check_chat_template(self.tokenizer, model_name_or_path)
         elif system_prompt is not None:
             raise ValueError("system_prompt is only used with chat_template=True")
-        self.stop_token_ids = self._stop_token_ids(eos_token_id)
+        self.stop_token_ids = chat.stop_token_ids(self.tokenizer, eos_token_id, self.chat_template)
         vocab_size = len(self.tokenizer) if vocab_size is None else vocab_size
 
         self.prompts = as_prompt_list(prompts, prompt_column, allow_messages=self.chat_template)
@@ -179,19 +179,6 @@ class TextGenEnv(gym.Env):
         self._prompt_tokens: list[int] = []
         self._generated: list[int] = []
         self._done = True
-
-    def _stop_token_ids(self, eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
-        if eos_token_id is None:
-            return frozenset()
-        if eos_token_id == -1:
-            ids = {self.tokenizer.eos_token_id}
-            if self.chat_template:
-                ids.add(chat.end_of_turn_token_id(self.tokenizer))
-            return frozenset(i for i in ids if i is not None)
-        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        if not all(isinstance(i, int) and i >= 0 for i in ids):
-            raise ValueError(f"eos_token_id must be a token id, a list of token ids, -1 or None; got {eos_token_id!r}")
-        return frozenset(ids)
 
     @property
     def eos_token_id(self) -> int | None:
