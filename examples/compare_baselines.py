@@ -268,21 +268,13 @@ def results_table(benches: Sequence[Benchmark], results: Sequence[dict[str, Any]
 def monitor_episodes(monitor_dir: str) -> tuple[np.ndarray, np.ndarray]:
     """Every training episode of one run from its Monitor files: (environment steps at its end, return).
 
-    What SB3's ``results_plotter.load_results`` + ``ts2xy(..., "timesteps")`` compute, without
-    their pandas dependency: the rows of all ``*.monitor.csv`` files (columns ``r, l, t``),
-    ordered by wall time of the episode's end (``t_start`` from each file's JSON header + ``t``),
-    x = cumulative sum of episode lengths ``l``.
+    SB3's own readers: ``results_plotter.load_results`` (all ``*.monitor.csv`` files of the folder,
+    ordered by the wall time of each episode's end) and ``ts2xy(..., "timesteps")`` (x = cumulative
+    sum of episode lengths).
     """
-    runs = []
-    for path in sorted(Path(monitor_dir).glob("*.monitor.csv")):
-        header, _columns, *lines = path.read_text().splitlines()  # '#{"t_start": ...}', 'r,l,t', rows
-        if lines:
-            rows = np.loadtxt(lines, delimiter=",", ndmin=2)
-            rows[:, 2] += json.loads(header.lstrip("#"))["t_start"]
-            runs.append(rows)
-    rows = np.concatenate(runs)
-    rows = rows[np.argsort(rows[:, 2], kind="stable")]
-    return np.cumsum(rows[:, 1]), rows[:, 0]
+    from stable_baselines3.common.results_plotter import load_results, ts2xy
+
+    return ts2xy(load_results(monitor_dir), "timesteps")
 
 
 def learning_curve(monitor_dir: str, grid: np.ndarray, window: int = 20) -> np.ndarray:
