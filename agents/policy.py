@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch as th
@@ -284,6 +286,48 @@ class TransformerPolicy(ActorCriticPolicy):
         actions = distribution.get_actions(deterministic=deterministic)
         return actions.reshape((-1, *self.action_space.shape)), self.value_net(latent_vf), distribution.log_prob(actions)
 
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, th.nn.Parameter]]:
+        """The trainable parameters only (``torch.nn.Module.named_parameters`` filtered on
+        ``requires_grad``; ``parameters()`` follows).
+
+        Frozen weights (a LoRA policy's base LM) are constants of the policy, not parameters an
+        algorithm may differentiate: sb3-contrib's ``TRPO`` takes ``torch.autograd.grad`` with
+        respect to every named parameter, which fails on a tensor that does not require grad. They
+        stay in ``state_dict()`` and move with ``.to(device)`` as before.
+        """
+        for name, param in super().named_parameters(prefix, recurse, remove_duplicate):
+            if param.requires_grad:
+                yield name, param
+
+    def _features(self, obs: PyTorchObs) -> th.Tensor:
+        """Last-token features of a batch: one forward per episode with ``share_prefix_forward``."""
+        if self.share_prefix_forward:
+            return last_token_features(self.lm, obs["input_ids"], obs["attention_mask"])
+        return self.extract_features(obs)
+
+    def get_distribution(self, obs: PyTorchObs):
+        """The action distribution for a batch (SB3's ``get_distribution``; ``predict`` and
+        sb3-contrib's ``TRPO`` call it), one forward per episode with ``share_prefix_forward``.
+
+        With grad enabled the forward runs on PyTorch's math attention kernel
+        (``torch.nn.attention.SDPBackend.MATH``): TRPO's Hessian-vector products differentiate the
+        KL twice, and the fused CPU/GPU attention kernels have no second derivative
+        (``derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+        implemented``). PPO and A2C never get here with grad (they use :meth:`evaluate_actions`).
+
+        :param obs: ``{"input_ids": (B, L), "attention_mask": (B, L)}`` tensors.
+        :return: SB3's ``CategoricalDistribution`` over ``(B, vocab)`` float32 logits.
+        """
+        with _twice_differentiable_attention() if th.is_grad_enabled() else contextlib.nullcontext():
+            features = self._features(obs)
+        return self._get_action_dist_from_latent(self.mlp_extractor.forward_actor(features))
+
+    def predict_values(self, obs: PyTorchObs) -> th.Tensor:
+        """Value estimates ``float32 (B, 1)``, one forward per episode with ``share_prefix_forward``
+        (TRPO's critic updates and SB3's bootstrap of truncated episodes call it)."""
+        return self.value_net(self.mlp_extractor.forward_critic(self._features(obs)))
+
     def extract_features(self, obs: PyTorchObs, features_extractor=None) -> th.Tensor:
         """Features from integer observations, skipping SB3's float cast (``preprocess_obs``)."""
         return (features_extractor or self.features_extractor)(obs)
@@ -304,7 +348,7 @@ class TransformerPolicy(ActorCriticPolicy):
         if not self._grouping_checked:
             self._grouping_checked = True
             self._warn_if_ungrouped(obs["input_ids"], obs["attention_mask"])
-        features = last_token_features(self.lm, obs["input_ids"], obs["attention_mask"])
+        features = self._features(obs)
         latent_pi, latent_vf = self.mlp_extractor(features)
         distribution = self._get_action_dist_from_latent(latent_pi)
         return self.value_net(latent_vf), distribution.log_prob(actions), distribution.entropy()
@@ -340,6 +384,13 @@ class TransformerPolicy(ActorCriticPolicy):
                     forbidden_token_ids=self.forbidden_token_ids,
                     value_learning_rate=self.value_learning_rate)
         return data
+
+
+def _twice_differentiable_attention():
+    """Context in which ``scaled_dot_product_attention`` uses its math kernel (differentiable twice)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def _as_dtype(dtype: th.dtype | str) -> th.dtype:
