@@ -263,6 +263,32 @@ def install_sampler() -> None:
     hyperparams_opt.HYPERPARAMS_CONVERTER[ZOO_ALGO] = _converter
 
 
+def zoo_hyperparams(env_id: str, algo: str = ZOO_ALGO) -> dict[str, Any]:
+    """The zoo's own tuned hyperparameters for ``env_id``, from the yaml shipped inside ``rl_zoo3``
+    (``rl_zoo3/hyperparams/<algo>.yml``, the file its benchmark was trained with).
+
+    Schedules written ``lin_<value>`` become SB3's ``LinearSchedule(value, 0.0, 1.0)`` (the zoo's
+    ``linear_schedule``: ``value * progress_remaining``); every other entry is returned as the
+    yaml has it, the zoo's own keys (``n_envs``, ``n_timesteps``, ``policy``, ``normalize``)
+    included, so the caller decides which go to the algorithm.
+
+    :raises KeyError: the zoo has no entry for ``env_id`` (the message lists the ones it has).
+    """
+    from importlib import resources
+
+    import yaml
+    from stable_baselines3.common.utils import LinearSchedule
+
+    entries = yaml.safe_load(resources.files("rl_zoo3").joinpath("hyperparams", f"{algo}.yml").read_text())
+    if env_id not in entries:
+        raise KeyError(f"rl_zoo3 has no {algo} hyperparameters for {env_id!r}; it has {sorted(entries)}")
+    entry = dict(entries[env_id])
+    for key, value in entry.items():
+        if isinstance(value, str) and value.startswith("lin_"):
+            entry[key] = LinearSchedule(start=float(value.removeprefix("lin_")), end=0.0, end_fraction=1.0)
+    return entry
+
+
 def load_zoo_model(folder: str, env_id: str, algo: str = ZOO_ALGO, exp_id: int = 0, load_best: bool = False,
                    load_checkpoint: str | None = None, load_last_checkpoint: bool = False, device: str = "auto"):
     """Load a model that ``python -m rl_zoo3.train`` saved, found as ``rl_zoo3.enjoy`` finds it.

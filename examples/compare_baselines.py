@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from stable_baselines3.common.utils import LinearSchedule
 
-ZOO_SOURCE = "rl-baselines3-zoo hyperparams/ppo.yml (commit 208b6fdf3a9aa24de44b2e068c6e5f6a07d97fcc)"
+ZOO_SOURCE = "rl-baselines3-zoo's hyperparams/ppo.yml as shipped in rl-zoo3==2.9.2"
 """Where the classic-control hyperparameters below come from (DLR-RM/rl-baselines3-zoo on GitHub)."""
 
 BUDGET_NOTE = (
@@ -45,11 +44,6 @@ BUDGET_NOTE = (
     "with 3 seeds. CartPole-v1 and Pendulum-v1 use the zoo's full 1e5. SB3 trains whole rollouts, so it "
     "rounds a budget up to a multiple of n_steps * n_envs (LunarLander-v3: 212,992 steps for 200,000)."
 )
-
-
-def linear(initial: float) -> LinearSchedule:
-    """rl-zoo's ``lin_<value>`` schedule, ``initial * progress_remaining``, as SB3's ``LinearSchedule``."""
-    return LinearSchedule(start=initial, end=0.0, end_fraction=1.0)
 
 
 @dataclass(frozen=True)
@@ -83,30 +77,31 @@ class Benchmark:
     text: bool = False
 
 
-# --- classic control: rl-baselines3-zoo's PPO hyperparameters, copied from ZOO_SOURCE -------------
-# Every key below is the zoo's; omitted keys are SB3's defaults, as in the zoo (e.g. batch_size=64,
-# learning_rate=3e-4, clip_range=0.2). References are the zoo's benchmark (benchmark.md):
-# mean +/- std of episodic return of the trained agent.
+# --- classic control: rl-baselines3-zoo's PPO hyperparameters, read from the installed rl_zoo3 ------
+# Every algorithm key is the zoo's (agents.zoo.zoo_hyperparams: its shipped hyperparams/ppo.yml, with
+# lin_<v> schedules as SB3 LinearSchedules); omitted keys are SB3's defaults, as in the zoo. Only the
+# budgets are ours (BUDGET_NOTE). References are the zoo's benchmark (benchmark.md): mean +/- std of
+# episodic return of the trained agent.
+def zoo_benchmark(env_id: str, total_timesteps: int, reference: str, quick_timesteps: int = 20_000) -> Benchmark:
+    """A classic-control row with the zoo's PPO hyperparameters, ``n_envs`` and ``normalize`` for ``env_id``."""
+    from agents.zoo import zoo_hyperparams
+
+    ppo_kwargs = zoo_hyperparams(env_id)
+    n_envs, zoo_timesteps = ppo_kwargs.pop("n_envs"), int(ppo_kwargs.pop("n_timesteps"))
+    normalize = bool(ppo_kwargs.pop("normalize", False))
+    ppo_kwargs.pop("policy")
+    return Benchmark(env_id, env_id, total_timesteps=total_timesteps, quick_timesteps=quick_timesteps, n_envs=n_envs,
+                     ppo_kwargs=ppo_kwargs, normalize=normalize, zoo_timesteps=zoo_timesteps, reference=reference)
+
+
 CLASSIC = [
-    Benchmark("CartPole-v1", "CartPole-v1", total_timesteps=100_000, quick_timesteps=20_000, n_envs=8,
-              ppo_kwargs=dict(n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=20, ent_coef=0.0,
-                              learning_rate=linear(1e-3), clip_range=linear(0.2)),
-              zoo_timesteps=100_000, reference="500.0 ± 0.0"),
-    Benchmark("Acrobot-v1", "Acrobot-v1", total_timesteps=200_000, quick_timesteps=20_000, n_envs=16,
-              ppo_kwargs=dict(n_steps=256, gae_lambda=0.94, gamma=0.99, n_epochs=4, ent_coef=0.0),
-              normalize=True, zoo_timesteps=1_000_000, reference="-73.5 ± 18.2"),
-    Benchmark("MountainCar-v0", "MountainCar-v0", total_timesteps=300_000, quick_timesteps=20_000, n_envs=16,
-              ppo_kwargs=dict(n_steps=16, gae_lambda=0.98, gamma=0.99, n_epochs=4, ent_coef=0.0),
-              normalize=True, zoo_timesteps=1_000_000, reference="-110.4 ± 19.5"),
-    Benchmark("Pendulum-v1", "Pendulum-v1", total_timesteps=100_000, quick_timesteps=20_000, n_envs=4,
-              ppo_kwargs=dict(n_steps=1024, gae_lambda=0.95, gamma=0.9, n_epochs=10, ent_coef=0.0,
-                              learning_rate=1e-3, clip_range=0.2, use_sde=True, sde_sample_freq=4),
-              zoo_timesteps=100_000, reference="-172.2 ± 104.2"),
-    # The zoo's entry and benchmark are for LunarLander-v2; Gymnasium 1.x only has -v3 (v2 with
-    # bug fixes), so the reference is indicative. Needs Box2D: pip install "gymnasium[box2d]".
-    Benchmark("LunarLander-v3", "LunarLander-v3", total_timesteps=200_000, quick_timesteps=20_000, n_envs=16,
-              ppo_kwargs=dict(n_steps=1024, batch_size=64, gae_lambda=0.98, gamma=0.999, n_epochs=4, ent_coef=0.01),
-              zoo_timesteps=1_000_000, reference="242.1 ± 31.8 (v2)"),
+    zoo_benchmark("CartPole-v1", 100_000, "500.0 ± 0.0"),
+    zoo_benchmark("Acrobot-v1", 200_000, "-73.5 ± 18.2"),
+    zoo_benchmark("MountainCar-v0", 300_000, "-110.4 ± 19.5"),
+    zoo_benchmark("Pendulum-v1", 100_000, "-172.2 ± 104.2"),
+    # The zoo's benchmark is for LunarLander-v2; Gymnasium 1.x only has -v3 (v2 with bug fixes), so
+    # the reference is indicative. Needs Box2D: pip install "gymnasium[box2d]".
+    zoo_benchmark("LunarLander-v3", 200_000, "242.1 ± 31.8 (v2)"),
 ]
 
 

@@ -170,3 +170,14 @@ def test_installed_sampler_dispatches_on_the_studys_policy(policy, text):
     if text:
         assert sampled["policy_kwargs"]["forbid_special_tokens"] is True
         assert sampled["batch_size"] <= sampled["n_steps"] * 4
+
+
+def test_zoo_hyperparams_come_from_the_installed_zoo_with_schedules_converted():
+    from agents.zoo import zoo_hyperparams
+
+    cartpole = zoo_hyperparams("CartPole-v1")
+    assert cartpole["n_envs"] == 8 and cartpole["n_steps"] == 32 and cartpole["policy"] == "MlpPolicy"
+    assert cartpole["learning_rate"](1.0) == pytest.approx(1e-3) and cartpole["learning_rate"](0.5) == pytest.approx(5e-4)
+    assert cartpole["clip_range"](0.0) == 0.0
+    with pytest.raises(KeyError, match="no ppo hyperparameters for 'NoSuchEnv-v0'"):
+        zoo_hyperparams("NoSuchEnv-v0")
