@@ -110,6 +110,15 @@ def test_bad_games_and_windows_fail_at_construction(chat_lm, tiny_lm):
         env.step(END)
 
 
+def test_unseeded_envs_do_not_share_their_games(chat_lm):
+    envs = [DialogueEnv(**env_kwargs(chat_lm)) for _ in range(2)]
+    seeds = []
+    for env in envs:
+        env.reset()
+        seeds.append(int(env.np_random.integers(2**62)))
+    assert seeds[0] != seeds[1]  # construction did not seed np_random: each env draws its own games
+
+
 def test_vectorised_envs_get_their_own_game(chat_lm):
     game = RecallGame()
     env = make_vec_env(DialogueEnv, n_envs=2, seed=0, env_kwargs=env_kwargs(chat_lm, game=game))

@@ -196,7 +196,9 @@ class DialogueEnv(gym.Env):
         self._reply: list[int] = []
         self._replies: list[str] = []
         self._done = True
-        self.reset(seed=0)  # a game that cannot start, or a first turn that does not fit, fails here
+        # A game that cannot start, or a first turn that does not fit, fails here. Env.reset is not
+        # called: it would seed self.np_random, and unseeded envs would then all play the same games.
+        self._start_game(game_seed=0)
         self._done = True
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -206,7 +208,11 @@ class DialogueEnv(gym.Env):
         :raises ValueError: the first turn is longer than ``max_prompt_tokens``.
         """
         super().reset(seed=seed)
-        first = self.game.reset(seed=int(self.np_random.integers(2**31)))
+        self._start_game(int(self.np_random.integers(2**31)))
+        return self._observation(), {"prompt": self._first, "turn": 0}
+
+    def _start_game(self, game_seed: int) -> None:
+        first = self.game.reset(seed=game_seed)
         self._first = first
         self._messages = chat.chat_messages(first, self.system_prompt)
         self._prompt_tokens = chat.render_chat(self.tokenizer, self._messages)
@@ -217,7 +223,6 @@ class DialogueEnv(gym.Env):
         self._context, self._reply, self._replies = [], [], []
         self._return = 0.0
         self._done = False
-        return self._observation(), {"prompt": first, "turn": 0}
 
     def step(self, action):
         """Append the agent's token; when its turn ends, let the game answer.
