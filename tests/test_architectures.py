@@ -74,6 +74,7 @@ from agents import TransformerPolicy, text_ppo_kwargs
 from agents.kv_cache import extends_by_one
 from agents.prefix_sharing import covering_rows
 from tests.conftest import PROMPTS, keyword_reward
+from tests.test_kv_cache import random_walk
 from textgym.tiny import save_tiny_causal_lm, tiny_tokenizer
 
 EOS = 2  # the tiny tokenizer's <eos>
@@ -131,17 +132,6 @@ def arch(request, tmp_path_factory, tokenizer_dir) -> tuple[PPO, str]:
     return build_ppo(tokenizer_dir, model_dir), model_dir
 
 
-def random_walk(env, steps: int, seed: int = 0, eos_probability: float = 0.3):
-    """Observations of the vec env ``env`` under random tokens, EOS often, so episodes end at different steps."""
-    rng = np.random.default_rng(seed)
-    obs = env.reset()
-    for _ in range(steps):
-        yield {k: torch.as_tensor(v) for k, v in obs.items()}
-        actions = rng.integers(3, env.action_space.n, size=env.num_envs)
-        actions[rng.random(env.num_envs) < eos_probability] = EOS
-        obs, *_ = env.step(actions)
-
-
 QWEN2_TOKENIZER = ("transformers 5 loads the tokenizer of a model_type qwen2 directory as Qwen2Tokenizer "
                    "(byte-level BPE) whatever tokenizer_config.json says, so the word-level words encode to no tokens")
 
@@ -197,7 +187,7 @@ def test_cached_rollout_features_equal_a_full_forward(arch):
     policy, cache = model.policy, model.policy.rollout_cache
     policy.set_training_mode(False)
     mixed_steps, previous = 0, None
-    for obs in random_walk(model.env, steps=14):
+    for obs in random_walk(model.env, steps=14, eos_probability=0.3):
         with torch.no_grad():
             torch.testing.assert_close(cache.features(obs["input_ids"], obs["attention_mask"]),
                                        policy.extract_features(obs), rtol=0, atol=ATOL)
@@ -213,7 +203,7 @@ def test_grouped_update_equals_per_transition(arch):
     """(c) One forward per episode gives the per-transition values, log-probs, entropies and gradients."""
     model, _ = arch
     policy = model.policy
-    steps = list(random_walk(model.env, steps=8, seed=1))
+    steps = list(random_walk(model.env, steps=8, seed=1, eos_probability=0.3))
     obs = {k: torch.cat([o[k] for o in steps]) for k in ("input_ids", "attention_mask")}
     actions = torch.as_tensor(np.random.default_rng(0).integers(0, model.action_space.n, len(obs["input_ids"])))
     assert len(torch.unique(covering_rows(obs["input_ids"], obs["attention_mask"]))) < len(actions) / 2
