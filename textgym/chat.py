@@ -13,6 +13,7 @@ the conversational format of TRL and ``datasets``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -118,6 +119,20 @@ def stop_token_ids(tokenizer: Any, eos_token_id: Any, chat_template: bool) -> fr
 _SENTINEL = "textgym-sentinel"
 """Stand-in message content used to find where the template puts a turn's closing text."""
 
+_STAND_IN = ({"role": "user", "content": _SENTINEL + "0"}, {"role": "assistant", "content": _SENTINEL + "1"})
+"""A two-message conversation whose assistant turn is closed: the base of both renderings below."""
+
+
+def _closed_turn(tokenizer: Any) -> str:
+    """:data:`_STAND_IN` rendered by ``tokenizer``'s chat template, once per tokenizer and template
+    (:func:`next_turn_text` needs it at the end of every turn)."""
+    return _render_stand_in(tokenizer, str(tokenizer.chat_template))  # str: a dict of named templates is unhashable
+
+
+@functools.lru_cache(maxsize=8)
+def _render_stand_in(tokenizer: Any, chat_template: str) -> str:
+    return tokenizer.apply_chat_template(list(_STAND_IN), tokenize=False)
+
 
 def turn_closing(tokenizer: Any) -> str:
     """The text the chat template writes right after an assistant reply's content (``"<|im_end|>\\n"``
@@ -125,11 +140,10 @@ def turn_closing(tokenizer: Any) -> str:
 
     :raises ValueError: the template does not render the reply's content verbatim.
     """
-    conversation = [{"role": "user", "content": _SENTINEL + "0"}, {"role": "assistant", "content": _SENTINEL + "1"}]
-    text = tokenizer.apply_chat_template(conversation, tokenize=False)
-    if (_SENTINEL + "1") not in text:
+    text, reply = _closed_turn(tokenizer), _STAND_IN[1]["content"]
+    if reply not in text:
         raise ValueError("the chat template does not write an assistant reply verbatim, so turns cannot be appended")
-    return text[text.rindex(_SENTINEL + "1") + len(_SENTINEL) + 1:]
+    return text[text.rindex(reply) + len(reply):]
 
 
 def next_turn_text(tokenizer: Any, message: str, role: str = "user") -> str:
@@ -145,9 +159,8 @@ def next_turn_text(tokenizer: Any, message: str, role: str = "user") -> str:
     :raises ValueError: the template rewrites earlier turns when a message is added (the rendering
         of the longer conversation does not start with the shorter one).
     """
-    conversation = [{"role": "user", "content": _SENTINEL + "0"}, {"role": "assistant", "content": _SENTINEL + "1"}]
-    before = tokenizer.apply_chat_template(conversation, tokenize=False)
-    after = tokenizer.apply_chat_template([*conversation, {"role": role, "content": message}],
+    before = _closed_turn(tokenizer)
+    after = tokenizer.apply_chat_template([*_STAND_IN, {"role": role, "content": message}],
                                           add_generation_prompt=True, tokenize=False)
     if not after.startswith(before):
         raise ValueError("the chat template rewrites earlier turns when a message is added (e.g. it drops past "
