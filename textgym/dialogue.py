@@ -21,7 +21,7 @@ import gymnasium as gym
 from gymnasium import spaces
 
 from textgym import assets, chat
-from textgym.env import load_tokenizer
+from textgym.env import check_token_action, load_tokenizer
 from textgym.spaces import TokenWindowSpace
 
 
@@ -231,11 +231,7 @@ class DialogueEnv(gym.Env):
         :raises ValueError: ``action`` is not a token id; the game returned no message while going on.
         :raises RuntimeError: the episode already ended.
         """
-        if self._done:
-            raise RuntimeError("step() called on a finished episode; call reset() first")
-        token = int(action)
-        if token != action or not 0 <= token < self.action_space.n:
-            raise ValueError(f"action {action!r} is not a token id in [0, {self.action_space.n})")
+        token = check_token_action(action, self.action_space.n, self._done)
         self._reply.append(token)
         self._context.append(token)
         info = {"prompt": self._first, "turn": len(self._replies)}

@@ -55,6 +55,20 @@ def encode_prompts(tokenizer, prompts: Sequence, chat_template: bool = False,
     return out
 
 
+def check_token_action(action, vocab_size: int, episode_done: bool) -> int:
+    """The token id a text env's ``step`` received, as ``int``.
+
+    :raises RuntimeError: the episode already ended (call ``reset()``).
+    :raises ValueError: ``action`` is not an integer in ``[0, vocab_size)``.
+    """
+    if episode_done:
+        raise RuntimeError("step() called on a finished episode; call reset() first")
+    token = int(action)
+    if token != action or not 0 <= token < vocab_size:
+        raise ValueError(f"action {action!r} is not a token id in [0, {vocab_size})")
+    return token
+
+
 class TextGenEnv(gym.Env):
     """Generate a continuation of a prompt, one token per step; a reward model scores the result.
 
@@ -233,11 +247,7 @@ class TextGenEnv(gym.Env):
         :raises ValueError: ``action`` is not a token id of the action space.
         :raises RuntimeError: the episode already ended (call ``reset()``).
         """
-        if self._done:
-            raise RuntimeError("step() called on a finished episode; call reset() first")
-        token = int(action)
-        if token != action or not 0 <= token < self.action_space.n:
-            raise ValueError(f"action {action!r} is not a token id in [0, {self.action_space.n})")
+        token = check_token_action(action, self.action_space.n, self._done)
         self._generated.append(token)
         terminated = token in self.stop_token_ids or len(self._generated) >= self.max_new_tokens
         observation = self.observation_space.encode(self._prompt_tokens, self._generated)
