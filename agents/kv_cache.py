@@ -78,14 +78,6 @@ def appended_tokens(prev_ids: th.Tensor, prev_mask: th.Tensor, ids: th.Tensor, m
     return th.where(kept & same_start & (grown > 0), grown, 0)
 
 
-def extends_by_one(prev_ids: th.Tensor, prev_mask: th.Tensor, ids: th.Tensor, mask: th.Tensor) -> th.Tensor:
-    """Which rows are their previous observation plus exactly one token (:func:`appended_tokens` == 1).
-
-    :return: ``(B,)`` bool; arguments as :func:`appended_tokens`.
-    """
-    return appended_tokens(prev_ids, prev_mask, ids, mask) == 1
-
-
 def right_align(ids: th.Tensor, mask: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
     """Move each row's block of real tokens to the right end of a window as wide as the longest block.
 

@@ -71,7 +71,7 @@ from transformers import (
 )
 
 from agents import TransformerPolicy, text_ppo_kwargs
-from agents.kv_cache import extends_by_one
+from agents.kv_cache import appended_tokens
 from agents.prefix_sharing import covering_rows
 from tests.conftest import PROMPTS, keyword_reward
 from tests.test_kv_cache import random_walk
@@ -192,8 +192,8 @@ def test_cached_rollout_features_equal_a_full_forward(arch):
             torch.testing.assert_close(cache.features(obs["input_ids"], obs["attention_mask"]),
                                        policy.extract_features(obs), rtol=0, atol=ATOL)
         if previous is not None:
-            continuing = extends_by_one(previous["input_ids"], previous["attention_mask"],
-                                        obs["input_ids"], obs["attention_mask"])
+            continuing = appended_tokens(previous["input_ids"], previous["attention_mask"],
+                                         obs["input_ids"], obs["attention_mask"]) == 1
             mixed_steps += bool(continuing.any() and not continuing.all())
         previous = obs
     assert mixed_steps >= 2  # both paths (one-token steps and re-encoded rows) in one call

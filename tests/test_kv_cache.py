@@ -12,18 +12,18 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 
 from agents import TransformerPolicy, text_ppo_kwargs
 from agents import kv_cache as kv_cache_module
-from agents.kv_cache import RolloutKVCache, extends_by_one, right_align
+from agents.kv_cache import RolloutKVCache, appended_tokens, right_align
 
 EOS = 2  # the tiny tokenizer's <eos>
 
 
-def test_extends_by_one_and_right_align():
+def test_appended_tokens_and_right_align():
     prev_ids = torch.tensor([[0, 5, 6, 0], [0, 5, 6, 0], [0, 5, 6, 0], [0, 5, 6, 0], [0, 5, 6, 0]])
     prev_mask = torch.tensor([[0, 1, 1, 0]] * 5)
     ids = torch.tensor([[0, 5, 6, 7], [0, 5, 6, 0], [0, 5, 9, 7], [5, 6, 7, 0], [0, 5, 6, 8]])
     mask = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 0], [0, 1, 1, 1], [1, 1, 1, 0], [0, 1, 1, 1]])
     # appended / unchanged / prefix changed / shifted start / appended another token
-    assert extends_by_one(prev_ids, prev_mask, ids, mask).tolist() == [True, False, False, False, True]
+    assert appended_tokens(prev_ids, prev_mask, ids, mask).tolist() == [1, 0, 0, 0, 1]
 
     aligned_ids, aligned_mask = right_align(torch.tensor([[0, 5, 6, 0], [7, 8, 9, 0], [0, 0, 0, 4]]),
                                             torch.tensor([[0, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 1]]))
@@ -58,8 +58,8 @@ def test_cached_features_equal_a_full_forward_across_staggered_episodes(tiny_env
             torch.testing.assert_close(cache.features(obs["input_ids"], obs["attention_mask"]),
                                        policy.extract_features(obs), rtol=0, atol=1e-5)
         if previous is not None:
-            continuing = extends_by_one(previous["input_ids"], previous["attention_mask"],
-                                        obs["input_ids"], obs["attention_mask"])
+            continuing = appended_tokens(previous["input_ids"], previous["attention_mask"],
+                                         obs["input_ids"], obs["attention_mask"]) == 1
             mixed_steps += bool(continuing.any() and not continuing.all())
         previous = obs
     assert mixed_steps >= 10  # both paths (one-token steps and re-encoded rows) in one call, often
