@@ -94,9 +94,7 @@ def reference_log_probs(reference, input_ids: th.Tensor, attention_mask: th.Tens
         for lo in range(0, len(actions), chunk_size):
             rows = slice(lo, lo + chunk_size)
             features = last_token_features(reference, input_ids[rows], attention_mask[rows])
-            logits = output_logits(reference, features)
-            if logit_mask is not None:
-                logits = logits.masked_fill(logit_mask, th.finfo(logits.dtype).min)
+            logits = output_logits(reference, features, logit_mask)
             chosen = logits.gather(-1, actions[rows].long().view(-1, 1)).squeeze(-1)
             out.append(chosen - th.logsumexp(logits, dim=-1))
     return th.cat(out) if out else th.zeros(0)

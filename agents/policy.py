@@ -219,7 +219,7 @@ class TransformerPolicy(ActorCriticPolicy):
         ids = (th.arange(3, device=self.device) % vocab)[None]
         obs = {"input_ids": ids, "attention_mask": th.ones_like(ids)}
         with th.no_grad():
-            expected = self.lm(input_ids=ids, attention_mask=th.ones_like(ids)).logits[0, -1].float()
+            expected = self.lm(**obs).logits[0, -1].float()
             got = output_logits(self.lm, self.features_extractor(obs))[0]
         gap = float((got - expected).abs().max())
         if gap > 1e-3 * max(1.0, float(expected.abs().max())):
@@ -257,10 +257,8 @@ class TransformerPolicy(ActorCriticPolicy):
 
     def _get_action_dist_from_latent(self, latent_pi: th.Tensor):
         """SB3's categorical distribution over the action logits, with :attr:`logit_mask` applied."""
-        logits = self.action_net(latent_pi.to(self.action_net.weight.dtype)).float()
-        if self.logit_mask is not None:
-            logits = logits.masked_fill(self.logit_mask, th.finfo(logits.dtype).min)
-        return self.action_dist.proba_distribution(action_logits=logits)
+        # action_net is the LM's own output head (see _build).
+        return self.action_dist.proba_distribution(action_logits=output_logits(self.lm, latent_pi, self.logit_mask))
 
     def set_training_mode(self, mode: bool) -> None:
         """SB3's train/eval switch; the LM stays in eval mode either way (dropout off, see class doc)."""

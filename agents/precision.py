@@ -21,15 +21,18 @@ from collections.abc import Iterable
 import torch as th
 
 
-def output_logits(lm, features: th.Tensor) -> th.Tensor:
+def output_logits(lm, features: th.Tensor, logit_mask: th.Tensor | None = None) -> th.Tensor:
     """Next-token logits from trunk features through the LM's own output head, as float32.
 
     :param lm: a transformers causal LM (any dtype).
     :param features: ``(B, hidden_size)`` final hidden states (any float dtype; cast to the head's).
+    :param logit_mask: bool ``(vocab,)``: token ids whose logits are set to float32's minimum, so
+        that a softmax gives them no mass (a policy's :attr:`agents.TransformerPolicy.logit_mask`).
     :return: ``float32 (B, vocab)``.
     """
     head = lm.get_output_embeddings()
-    return head(features.to(head.weight.dtype)).float()
+    logits = head(features.to(head.weight.dtype)).float()
+    return logits if logit_mask is None else logits.masked_fill(logit_mask, th.finfo(logits.dtype).min)
 
 
 class MasterWeights:
