@@ -54,6 +54,9 @@ def zero_reward(prompts: list[str], completions: list[str]) -> list[float]:
     return [0.0] * len(prompts)
 
 
+SENTIMENT_JOB = dict(max_new_tokens=16)
+"""``examples/train_sentiment.py``'s env: the defaults of ``TextGen-v0`` with 16 new tokens."""
+
 REASONING_JOB = dict(task="chain_sum", task_config=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1),
                      max_new_tokens=16)
 """``examples/train_reasoning.py``'s task: reasoning-gym chain_sum, two 1-digit terms, 16 new tokens."""
@@ -193,7 +196,7 @@ def case_update(model: str, n_envs: int, max_new_tokens: int, batch_size: int = 
                 speedup=grouped / per_transition)
 
 
-def case_iteration(n_envs: int, max_new_tokens: int, iterations: int, env_id: str = "TextGen-v0",
+def case_iteration(n_envs: int, iterations: int, env_id: str = "TextGen-v0",
                    env_kwargs: dict | None = None, policy_kwargs: dict | None = None) -> dict:
     """Table 3: seconds per PPO iteration of a job (default: the sentiment defaults), split by component;
     ``policy_kwargs`` go to :func:`agents.text_ppo_kwargs` (e.g. ``{"dtype": "bfloat16"}``)."""
@@ -203,9 +206,6 @@ def case_iteration(n_envs: int, max_new_tokens: int, iterations: int, env_id: st
     import textgym  # noqa: F401
     from agents import AdaptiveKLController, KLPenaltyCallback, TransformerPolicy, text_ppo_kwargs
 
-    env_kwargs = dict(env_kwargs or {})
-    if env_id.startswith("TextGen-"):
-        env_kwargs["max_new_tokens"] = max_new_tokens
     env = make_vec_env(env_id, n_envs=n_envs, seed=0, env_kwargs=env_kwargs)
     ppo = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(policy_kwargs=policy_kwargs))
     clock = {"reward model": 0.0, "reference model": 0.0, "update": 0.0, "collect": 0.0}
@@ -362,16 +362,15 @@ def update_table(args: argparse.Namespace, results: dict) -> None:
 
 
 def iteration_table(args: argparse.Namespace) -> None:
-    jobs = {"sentiment (train_sentiment.py)": ("TextGen-v0", {}),
-            "reasoning, chat (train_reasoning.py)": ("TextGen-Reasoning-v0", {k: v for k, v in REASONING_JOB.items()
-                                                                             if k != "max_new_tokens"}),
+    jobs = {"sentiment (train_sentiment.py)": ("TextGen-v0", SENTIMENT_JOB),
+            "reasoning, chat (train_reasoning.py)": ("TextGen-Reasoning-v0", REASONING_JOB),
             "TextArena GuessTheNumber, multi-turn (train_textarena.py)": ("TextArena-v0", TEXTARENA_JOB)}
     print(f"\nPPO iteration of the examples' jobs (SmolLM2-135M, {args.n_envs} envs x 32 steps, 16 new tokens, "
           f"KL penalty): seconds per iteration, mean of {args.iterations}\n")
     print("| job | rollout (policy + env) | reward model (or game) | reference model | update | total | peak RSS (MiB) |")
     print("|---|---|---|---|---|---|---|")
     for name, (env_id, env_kwargs) in jobs.items():
-        r = run_case(args, ["iteration", args.n_envs, 16, args.iterations, env_id, env_kwargs])
+        r = run_case(args, ["iteration", args.n_envs, args.iterations, env_id, env_kwargs])
         print(f"| {name} | {r['rollout']:.2f} | {r['reward model']:.2f} | {r['reference model']:.2f} | "
               f"{r['update']:.2f} | {r['total']:.2f} | {r['peak_rss_mib']:.0f} |", flush=True)
 

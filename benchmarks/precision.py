@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from performance import run_case  # noqa: E402
+from performance import SENTIMENT_JOB, run_case  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     print("| LM dtype | rollout (policy + env) | reward model | reference model | update | total | peak RSS (MiB) |")
     print("|---|---|---|---|---|---|---|")
     for dtype in args.dtypes:
-        r = run_case(args, ["iteration", args.n_envs, 16, args.iterations, "TextGen-v0", {}, {"dtype": dtype}])
+        r = run_case(args, ["iteration", args.n_envs, args.iterations, "TextGen-v0", SENTIMENT_JOB, {"dtype": dtype}])
         print(f"| {dtype} | {r['rollout']:.2f} | {r['reward model']:.2f} | {r['reference model']:.2f} | "
               f"{r['update']:.2f} | {r['total']:.2f} | {r['peak_rss_mib']:.0f} |", flush=True)
 
