@@ -20,6 +20,7 @@ offline. Note that TextArena seeds Python's global ``random`` module at every ga
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 from typing import Any
 
@@ -118,4 +119,5 @@ def make_textarena_env(game: str = "GuessTheNumber-v0", game_kwargs: dict[str, A
         ``max_prompt_tokens``, ``max_context_tokens``, ``max_reply_tokens``, ``max_turns``, ...).
     :raises ValueError, RuntimeError: as :class:`TextArenaGame` and :class:`DialogueEnv`.
     """
-    return DialogueEnv(TextArenaGame(game, **(game_kwargs or {})), **env_kwargs)
+    # A factory, not an instance: DialogueEnv would deep-copy an instance (a second TextArena env).
+    return DialogueEnv(functools.partial(TextArenaGame, game, **(game_kwargs or {})), **env_kwargs)
