@@ -66,6 +66,10 @@ class TransformerPolicy(ActorCriticPolicy):
         pretrained LM's fine-tuning rate (~1e-6..1e-5) barely moves and its explained variance
         stays near 0. The value optimizer steps right after SB3's (a step hook) at this fixed
         rate; its state is not saved with the model (it restarts after ``load``).
+    :param critic: ``False``: no value head. ``value_net`` then returns ``V(s) = 0`` with no
+        parameters (so no value optimizer and no gradient from SB3's value loss, which becomes a
+        constant), for advantages that need no critic: RLOO and GRPO
+        (:class:`agents.GroupRelativeRolloutBuffer`, :func:`agents.group_ppo_kwargs`).
     :param share_prefix_forward: in :meth:`evaluate_actions`, run one forward per group of
         observations that are prefixes of one another (one per episode) instead of one per
         observation; exact, see :mod:`agents.prefix_sharing`.
@@ -102,7 +106,8 @@ class TransformerPolicy(ActorCriticPolicy):
         differs from the action space, the window exceeds the LM's positions, the LM transforms
         its logits after the output head (checked once on a 3-token input: Gemma-2's
         soft-capping, Cohere's ``logit_scale``), ``ortho_init=True``,
-        ``net_arch`` has actor layers, or ``lora_config`` targets no layer of the LM.
+        ``net_arch`` has actor layers (or value layers with ``critic=False``), or ``lora_config``
+        targets no layer of the LM.
     :raises TypeError: ``lora_config`` is not a ``LoraConfig``/dict or has an unknown argument.
     """
 
@@ -114,6 +119,7 @@ class TransformerPolicy(ActorCriticPolicy):
         model_name_or_path: str | None = None,
         from_pretrained_kwargs: dict[str, Any] | None = None,
         value_learning_rate: float | None = None,
+        critic: bool = True,
         share_prefix_forward: bool = True,
         lora_config: Any = None,
         kv_cache: bool = True,
@@ -135,6 +141,9 @@ class TransformerPolicy(ActorCriticPolicy):
         if (net_arch.get("pi") if isinstance(net_arch, dict) else net_arch):
             raise ValueError(f"net_arch={net_arch!r} adds actor layers, but the actor is the LM's own "
                              "head; use net_arch=dict(pi=[], vf=[...]) to deepen the value head only")
+        if not critic and isinstance(net_arch, dict) and net_arch.get("vf"):
+            raise ValueError(f"net_arch={net_arch!r} adds value layers but critic=False; drop one of the two")
+        self.critic = critic
         self.model_name_or_path = model_name_or_path
         self.from_pretrained_kwargs = dict(from_pretrained_kwargs or {})
         if dtype is not None:
@@ -175,12 +184,15 @@ class TransformerPolicy(ActorCriticPolicy):
             self.rollout_cache.check()
         self._build_mlp_extractor()
         self.action_net = self.lm.get_output_embeddings()
-        self.value_net = th.nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
-        th.nn.init.zeros_(self.value_net.weight)
-        th.nn.init.zeros_(self.value_net.bias)
+        if self.critic:
+            self.value_net = th.nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
+            th.nn.init.zeros_(self.value_net.weight)
+            th.nn.init.zeros_(self.value_net.bias)
+        else:
+            self.value_net = NoCritic()
         value_params = [*self.value_net.parameters(), *self.mlp_extractor.value_net.parameters()]
         value_ids = {id(p) for p in value_params}
-        shared = self.value_learning_rate is None
+        shared = self.value_learning_rate is None or not value_params
         params = [p for p in self.parameters() if shared or id(p) not in value_ids]
         # With LoRA the LM's own weights are frozen: leave them out of the optimizer.
         self.master_weights = MasterWeights(p for p in params if p.requires_grad)
@@ -380,8 +392,20 @@ class TransformerPolicy(ActorCriticPolicy):
                     kv_cache=self.kv_cache,
                     forbid_special_tokens=self.forbid_special_tokens,
                     forbidden_token_ids=self.forbidden_token_ids,
-                    value_learning_rate=self.value_learning_rate)
+                    value_learning_rate=self.value_learning_rate,
+                    critic=self.critic)
         return data
+
+
+class NoCritic(th.nn.Module):
+    """The value head of a policy without a critic: ``V(s) = 0``, no parameters.
+
+    :param latent: ``float32 (B, d)`` value features (ignored but for their batch size and device).
+    :return: ``float32 (B, 1)`` zeros, without grad.
+    """
+
+    def forward(self, latent: th.Tensor) -> th.Tensor:
+        return latent.new_zeros(latent.shape[0], 1).detach()
 
 
 def _twice_differentiable_attention():
