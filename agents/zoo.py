@@ -40,7 +40,7 @@ import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 
 from agents.buffers import EpisodeRolloutBuffer
-from agents.kl import AdaptiveKLController, KLPenaltyCallback
+from agents.kl import KL_HORIZON, AdaptiveKLController, KLPenaltyCallback
 
 ZOO_ALGO = "ppo"
 """The zoo's algorithm key whose sampler and converter :func:`install_sampler` replaces."""
@@ -126,13 +126,13 @@ class AdaptiveKLPenaltyCallback(KLPenaltyCallback):
 
     :param init_kl_coef: starting ``beta``, > 0.
     :param target: target KL per episode, nats, > 0.
-    :param horizon: transitions over which ``beta`` may change by about ``e^0.2``, > 0.
+    :param horizon: episodes over which ``beta`` may change by about ``e^0.2``, > 0.
     :param reference_model: hub id or path of the reference LM; ``None``: the policy's model.
     :param verbose: SB3 verbosity.
     :raises ValueError: a non-positive ``init_kl_coef``, ``target`` or ``horizon``.
     """
 
-    def __init__(self, init_kl_coef: float = 0.05, target: float = 4.0, horizon: int = 10_000,
+    def __init__(self, init_kl_coef: float = 0.05, target: float = 4.0, horizon: float = KL_HORIZON,
                  reference_model: str | None = None, verbose: int = 0):
         super().__init__(AdaptiveKLController(init_kl_coef, target=target, horizon=horizon),
                          reference_model=reference_model, verbose=verbose)

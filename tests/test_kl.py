@@ -74,14 +74,14 @@ def test_reference_equal_to_the_policy_gives_zero_kl(tiny_env_kwargs):
 
 def test_adaptive_controller_follows_ziegler_et_al():
     controller = AdaptiveKLController(init_kl_coef=0.1, target=2.0, horizon=1000)
-    controller.update(kl=3.0, n_steps=100)  # error clipped to +0.2
+    controller.update(kl=3.0, n_episodes=100)  # error clipped to +0.2
     assert controller.value == pytest.approx(0.1 * (1 + 0.2 * 0.1), rel=1e-12)
-    controller.update(kl=2.2, n_steps=100)  # error +0.1
+    controller.update(kl=2.2, n_episodes=100)  # error +0.1
     assert controller.value == pytest.approx(0.1 * 1.02 * 1.01, rel=1e-12)
-    controller.update(kl=0.0, n_steps=500)  # error clipped to -0.2
+    controller.update(kl=0.0, n_episodes=500)  # error clipped to -0.2
     assert controller.value == pytest.approx(0.1 * 1.02 * 1.01 * 0.9, rel=1e-12)
     fixed = FixedKLController(0.2)
-    fixed.update(kl=100.0, n_steps=100)
+    fixed.update(kl=100.0, n_episodes=100)
     assert fixed.value == 0.2
     with pytest.raises(ValueError, match="target"):
         AdaptiveKLController(target=0)
@@ -93,9 +93,12 @@ def test_adaptive_coefficient_changes_during_training(tiny_env_kwargs):
     controller = AdaptiveKLController(init_kl_coef=0.1, target=1e6, horizon=48)
     callback = KLPenaltyCallback(controller)
     train_one_rollout(tiny_env_kwargs, callback, n_steps=12)
-    # One rollout of 24 transitions with KL far below the target: the clipped error is -0.2.
+    buffer = callback.model.rollout_buffer
+    episodes = len(complete_episode_sums(buffer.rewards, buffer.episode_starts, callback.locals["dones"]))
+    assert episodes >= 2
+    # KL far below the target: the clipped error is -0.2, and the controller counts episodes.
     assert callback.stats["kl/coef"] == 0.1
-    assert controller.value == pytest.approx(0.1 * (1 - 0.2 * 24 / 48), rel=1e-12)
+    assert controller.value == pytest.approx(0.1 * (1 - 0.2 * episodes / 48), rel=1e-12)
 
 
 def test_complete_episode_sums():
