@@ -3,6 +3,7 @@
 - :class:`TransformerPolicy`: SB3 ``ActorCriticPolicy`` around a Hugging Face causal LM.
 - :class:`EpisodeRolloutBuffer`: minibatches of whole episodes, one transformer forward each.
 - :func:`text_ppo_kwargs`: PPO settings to start from for text.
+- :class:`GroupRelativeRolloutBuffer`, :func:`group_ppo_kwargs`: critic-free PPO with RLOO or GRPO advantages.
 - :class:`KLPenaltyCallback`: per-token KL penalty to a frozen reference model (fixed or adaptive).
 - :func:`adapters_disabled`, :func:`merged_lm`: LoRA adapters (``policy_kwargs=dict(lora_config=...)``).
 - :func:`evaluate_against_reference`: held-out reward, KL, perplexity and diversity, trained vs reference.
@@ -15,9 +16,9 @@
 the zoo's PPO sampler table.
 """
 
-from agents.buffers import EpisodeRolloutBuffer
+from agents.buffers import EpisodeRolloutBuffer, GroupRelativeRolloutBuffer
 from agents.callbacks import RollingCheckpointCallback, SampleTextCallback
-from agents.defaults import TEXT_PPO_DEFAULTS, text_ppo_kwargs
+from agents.defaults import TEXT_PPO_DEFAULTS, group_ppo_kwargs, text_ppo_kwargs
 from agents.extractor import CausalLMExtractor, load_causal_lm
 from agents.evaluation import TextEvaluation, evaluate_against_reference
 from agents.export import export_pretrained
@@ -34,11 +35,13 @@ __all__ = [
     "SampleTextCallback",
     "CausalLMExtractor",
     "EpisodeRolloutBuffer",
+    "GroupRelativeRolloutBuffer",
     "TransformerPolicy",
     "TextEvaluation",
     "adapters_disabled",
     "evaluate_against_reference",
     "export_pretrained",
+    "group_ppo_kwargs",
     "load_causal_lm",
     "merged_lm",
     "text_ppo_kwargs",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agents.buffers import EpisodeRolloutBuffer
+from agents.buffers import GROUP_BASELINES, EpisodeRolloutBuffer, GroupRelativeRolloutBuffer
 
 TEXT_PPO_DEFAULTS: dict[str, Any] = dict(
     n_steps=32,            # steps per env per rollout: a couple of whole generations per env
@@ -50,3 +50,24 @@ def text_ppo_kwargs(**overrides: Any) -> dict[str, Any]:
         raise TypeError(f"stable_baselines3.PPO has no parameter(s) {unknown}")
     policy_kwargs = {**TEXT_PPO_DEFAULTS["policy_kwargs"], **(overrides.pop("policy_kwargs", None) or {})}
     return {**TEXT_PPO_DEFAULTS, **overrides, "policy_kwargs": policy_kwargs}
+
+
+def group_ppo_kwargs(baseline: str = "grpo", **overrides: Any) -> dict[str, Any]:
+    """:func:`text_ppo_kwargs` for critic-free PPO with group-relative advantages (RLOO or GRPO).
+
+    Sets ``rollout_buffer_class=GroupRelativeRolloutBuffer`` with ``baseline``,
+    ``normalize_advantage=False`` (the buffer's zero advantages must stay zero; GRPO normalises
+    per group already), ``vf_coef=0`` and ``policy_kwargs=dict(critic=False)``, then applies
+    ``overrides`` as :func:`text_ppo_kwargs` does. Wrap the envs in
+    :class:`textgym.groups.GroupedPrompts` so that each prompt is sampled by several envs.
+
+    :param baseline: ``"rloo"`` or ``"grpo"`` (see :class:`agents.GroupRelativeRolloutBuffer`).
+    :raises ValueError: an unknown ``baseline``.
+    :raises TypeError: an override that ``stable_baselines3.PPO`` does not accept.
+    """
+    if baseline not in GROUP_BASELINES:
+        raise ValueError(f"baseline={baseline!r}: use one of {GROUP_BASELINES}")
+    policy_kwargs = {"critic": False, **(overrides.pop("policy_kwargs", None) or {})}
+    group = dict(rollout_buffer_class=GroupRelativeRolloutBuffer, rollout_buffer_kwargs=dict(baseline=baseline),
+                 normalize_advantage=False, vf_coef=0.0)
+    return text_ppo_kwargs(**{**group, **overrides, "policy_kwargs": policy_kwargs})
