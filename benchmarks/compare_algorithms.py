@@ -1,0 +1,256 @@
+"""On-policy algorithms compared on the main job's work. Prints a markdown table, saves a PNG.
+
+The work is ``examples/train_sentiment.py``'s: SmolLM2-135M-Instruct continuing movie-review
+prompts (training split), the default reward model, 8 envs, 16 new tokens, 6,144 generated tokens,
+learning rate 1e-5, and the adaptive KL penalty (initial beta 0.05, target 4 nats per episode).
+Variants (``--variants``):
+
+- ``ppo``: today's default, PPO with a critic and GAE (:func:`agents.text_ppo_kwargs`);
+- ``rloo``, ``grpo``: critic-free PPO with group-relative advantages, 2 groups of 4 envs sharing
+  prompts (:func:`agents.group_ppo_kwargs`, :class:`textgym.groups.GroupedPrompts`);
+- ``a2c``: SB3's A2C (one gradient step per rollout, Adam, the same buffer and value head);
+- ``trpo``: sb3-contrib's TRPO (slow on a CPU: each step differentiates the KL twice through the LM).
+
+Each (variant, seed) runs in a fresh subprocess, so peak RSS (``ru_maxrss``, taken when training
+ends, before the final evaluation) is its own. Training runs in ``--curve-points`` chunks of
+``model.learn(..., reset_num_timesteps=False)``; only those calls are timed (split into rollout,
+``collect_rollouts``, and update: the KL reference pass plus the algorithm's ``train``). Between
+chunks, the policy samples ``--curve-episodes`` held-out episodes (test split, same prompts at
+every point, KV-cached sampling) for the reward-against-wall-time curve. At the end
+:func:`agents.evaluate_against_reference` gives the held-out reward gain, KL to the reference and
+perplexity under it (``--eval-episodes`` per policy). Critic variants also record SB3's
+``train/explained_variance`` per update. Results go to ``--out`` as one JSON per run (a run
+whose JSON exists is not repeated, so an interrupted comparison resumes)::
+
+    python benchmarks/compare_algorithms.py                        # ppo rloo grpo a2c, seeds 0 1: ~90 min on 2 cores
+    python benchmarks/compare_algorithms.py --variants ppo grpo --seeds 0 --timesteps 1536
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = ("ppo", "rloo", "grpo", "a2c", "trpo")
+GROUP_SIZE = 4
+
+
+def build_model(variant: str, args: argparse.Namespace, seed: int):
+    """The algorithm of ``variant`` on the main job's training envs."""
+    from sb3_contrib import TRPO
+    from stable_baselines3 import A2C, PPO
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from agents import EpisodeRolloutBuffer, TransformerPolicy, group_ppo_kwargs, text_ppo_kwargs
+    from textgym.groups import GroupedPrompts
+
+    env = make_vec_env("TextGen-v0", n_envs=args.n_envs, seed=seed, env_kwargs=dict(max_new_tokens=args.max_new_tokens))
+    common = dict(learning_rate=args.learning_rate, n_steps=args.n_steps)
+    if variant == "ppo":
+        return PPO(TransformerPolicy, env, seed=seed, **text_ppo_kwargs(**common))
+    if variant in ("rloo", "grpo"):
+        return PPO(TransformerPolicy, GroupedPrompts(env, GROUP_SIZE), seed=seed, **group_ppo_kwargs(variant, **common))
+    text = dict(gamma=1.0, rollout_buffer_class=EpisodeRolloutBuffer, policy_kwargs=dict(value_learning_rate=1e-4))
+    if variant == "a2c":
+        return A2C(TransformerPolicy, env, seed=seed, gae_lambda=0.95, vf_coef=0.1, ent_coef=0.0, max_grad_norm=1.0,
+                   use_rms_prop=False, **common, **text)
+    if variant == "trpo":
+        return TRPO(TransformerPolicy, env, seed=seed, batch_size=128, target_kl=0.05, **common, **text)
+    raise ValueError(f"unknown variant {variant!r}: use one of {VARIANTS}")
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """One (variant, seed) in this process: train in chunks, evaluate; return the figures (JSON-able)."""
+    import numpy as np
+    import torch
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    import textgym  # noqa: F401  (registers TextGen-v0)
+    from agents import AdaptiveKLController, KLPenaltyCallback, evaluate_against_reference
+    from agents.evaluation import CachedSampler
+
+    class Clock(BaseCallback):
+        """Seconds spent in rollouts, and SB3's explained variance of each update."""
+
+        def __init__(self):
+            super().__init__()
+            self.rollout_seconds, self.explained_variance, self._start = 0.0, [], 0.0
+
+        def _on_rollout_start(self) -> None:
+            self._start = time.perf_counter()
+            self._record_explained_variance()
+
+        def _on_rollout_end(self) -> None:
+            self.rollout_seconds += time.perf_counter() - self._start
+
+        def _record_explained_variance(self) -> None:
+            # The last update's figures stay in the logger until the next iteration dumps them.
+            value = self.logger.name_to_value.get("train/explained_variance")
+            if value is not None and (not self.explained_variance or self.explained_variance[-1][0] != self.num_timesteps):
+                self.explained_variance.append((self.num_timesteps, float(value)))
+
+        def _on_step(self) -> bool:
+            return True
+
+    torch.set_num_threads(args.threads)
+    seed = args.seed
+    model = build_model(args.variant, args, seed)
+    kl = KLPenaltyCallback(AdaptiveKLController(args.kl_coef, target=args.kl_target))
+    clock = Clock()
+    held_out = make_vec_env("TextGen-v0", n_envs=args.n_envs,
+                            env_kwargs=dict(max_new_tokens=args.max_new_tokens, prompts="movie_reviews:test"))
+
+    def curve_point() -> dict:
+        held_out.seed(20_000 + seed)
+        torch.manual_seed(20_000 + seed)
+        rewards, _ = evaluate_policy(CachedSampler(model.policy), held_out, n_eval_episodes=args.curve_episodes,
+                                     return_episode_rewards=True)
+        return dict(steps=int(model.num_timesteps), mean=float(np.mean(rewards)),
+                    sem=float(np.std(rewards, ddof=1) / np.sqrt(len(rewards))))
+
+    curve = [dict(seconds=0.0, **curve_point())]
+    train_seconds = 0.0
+    chunk = args.timesteps // args.curve_points
+    for _ in range(args.curve_points):
+        start = time.perf_counter()
+        model.learn(chunk, reset_num_timesteps=False, callback=[kl, clock])
+        train_seconds += time.perf_counter() - start
+        clock._record_explained_variance()
+        curve.append(dict(seconds=train_seconds, **curve_point()))
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    torch.manual_seed(10_000 + seed)  # the same reference samples for every variant of a seed
+    results = evaluate_against_reference(model, held_out, n_episodes=args.eval_episodes, seed=10_000 + seed,
+                                         kv_cache=True, verbose=False)
+    reference, trained = results["reference"], results["trained"]
+    return dict(
+        variant=args.variant, seed=seed, timesteps=int(model.num_timesteps),
+        train_seconds=train_seconds, rollout_seconds=clock.rollout_seconds,
+        update_seconds=train_seconds - clock.rollout_seconds, peak_rss_mib=peak_rss,
+        reference_reward=reference.reward_mean, reference_sem=reference.reward_sem,
+        trained_reward=trained.reward_mean, trained_sem=trained.reward_sem,
+        kl=trained.kl_mean, kl_sem=trained.kl_sem, perplexity=trained.perplexity,
+        reference_perplexity=reference.perplexity, last_kl_coef=kl.stats.get("kl/coef"),
+        last_rollout_kl=kl.stats.get("kl/episode_kl"), curve=curve,
+        explained_variance=clock.explained_variance if getattr(model.policy, "critic", True) else [],
+    )
+
+
+def summary_rows(runs: list[dict]) -> list[dict]:
+    """Per variant, over seeds: gain ± s.e. (per seed ``sqrt(se_t^2 + se_r^2)``, then the s.e. of their mean)."""
+    import numpy as np
+
+    rows = []
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        group = [r for r in runs if r["variant"] == variant]
+        gains = [r["trained_reward"] - r["reference_reward"] for r in group]
+        sems = [np.hypot(r["trained_sem"], r["reference_sem"]) for r in group]
+        ev = [v for r in group for _, v in r["explained_variance"][-4:]]
+        rows.append(dict(
+            variant=variant, seeds=len(group), gain=float(np.mean(gains)),
+            gain_sem=float(np.sqrt(np.sum(np.square(sems))) / len(group)),
+            trained=float(np.mean([r["trained_reward"] for r in group])),
+            kl=float(np.mean([r["kl"] for r in group])),
+            perplexity=float(np.mean([r["perplexity"] for r in group])),
+            reference_perplexity=float(np.mean([r["reference_perplexity"] for r in group])),
+            train=float(np.mean([r["train_seconds"] for r in group])),
+            rollout=float(np.mean([r["rollout_seconds"] for r in group])),
+            update=float(np.mean([r["update_seconds"] for r in group])),
+            rss=float(max(r["peak_rss_mib"] for r in group)),
+            explained_variance=float(np.mean(ev)) if ev else None,
+        ))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """The comparison table (markdown)."""
+    lines = ["| variant | seeds | held-out reward gain (± s.e.) | trained reward | KL to reference (nats/episode) "
+             "| perplexity under reference (reference's own) | train wall time (s): rollout / update | peak RSS (MiB) "
+             "| explained variance (last 4 updates) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ev = "-" if r["explained_variance"] is None else f"{r['explained_variance']:.2f}"
+        lines.append(f"| {r['variant']} | {r['seeds']} | {r['gain']:+.3f} ± {r['gain_sem']:.3f} | {r['trained']:+.3f} "
+                     f"| {r['kl']:.2f} | {r['perplexity']:.1f} ({r['reference_perplexity']:.1f}) "
+                     f"| {r['train']:.0f}: {r['rollout']:.0f} / {r['update']:.0f} | {r['rss']:,.0f} | {ev} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    """Held-out reward (mean of the curve episodes) against training wall time, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {v: f"C{i}" for i, v in enumerate(dict.fromkeys(r["variant"] for r in runs))}
+    for run in runs:
+        seconds = [p["seconds"] for p in run["curve"]]
+        mean = [p["mean"] for p in run["curve"]]
+        ax.plot(seconds, mean, marker="o", color=colors[run["variant"]], alpha=0.85,
+                linestyle="-" if run["seed"] == 0 else "--", label=f"{run['variant']} seed {run['seed']}")
+    ax.set_xlabel("training wall time (s, 2 CPU cores; evaluation excluded)")
+    ax.set_ylabel("held-out reward (mean over episodes)")
+    ax.set_title("Main job: SmolLM2-135M, movie-review continuations, KL-penalised")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run_one(args: argparse.Namespace, variant: str, seed: int, path: Path) -> dict:
+    """Run (variant, seed) in a subprocess unless ``path`` already holds its result."""
+    if path.exists():
+        return json.loads(path.read_text())
+    command = [sys.executable, __file__, "--worker", "--variant", variant, "--seed", str(seed),
+               *(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                 if k not in ("worker", "variant", "seed", "variants", "seeds", "out"))]
+    print(f"running {variant} seed {seed} ...", flush=True)
+    out = subprocess.run(command, check=True, capture_output=True, text=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=["ppo", "rloo", "grpo", "a2c"], choices=VARIANTS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--timesteps", type=int, default=6144)
+    parser.add_argument("--n-envs", type=int, default=8)
+    parser.add_argument("--n-steps", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=1e-5)
+    parser.add_argument("--kl-coef", type=float, default=0.05)
+    parser.add_argument("--kl-target", type=float, default=4.0)
+    parser.add_argument("--curve-points", type=int, default=2, help="evaluations during training (after each chunk)")
+    parser.add_argument("--curve-episodes", type=int, default=64)
+    parser.add_argument("--eval-episodes", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/compare_algorithms")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [run_one(args, v, s, out / f"{v}_seed{s}.json") for v in args.variants for s in args.seeds]
+    print(markdown(summary_rows(runs)))
+    plot(runs, out / "reward_vs_wall_time.png")
+    print(f"\nplot: {out / 'reward_vs_wall_time.png'}")
+
+
+if __name__ == "__main__":
+    main()
