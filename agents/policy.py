@@ -27,6 +27,16 @@ UNGROUPED_WARNING = (
     "for one forward per episode (README: Performance)."
 )
 
+VALUE_OPTIMIZER_KEY = "value_optimizer"
+"""Key of the value optimizer's state dict inside ``policy.optimizer.state_dict()`` (see
+:class:`TransformerPolicy`'s ``value_learning_rate``)."""
+
+OLD_OPTIMIZER_STATE_WARNING = (
+    "this optimizer state has no value-head optimizer state (a checkpoint saved before textgym stored it, "
+    "with value_learning_rate set): the value head keeps its weights but its optimizer (Adam's moments, step "
+    "count) restarts from zero; save the model again to keep it from now on."
+)
+
 
 class TransformerPolicy(ActorCriticPolicy):
     """Actor-critic policy around any Hugging Face causal LM, for upstream SB3 ``PPO`` and ``A2C``.
@@ -59,13 +69,18 @@ class TransformerPolicy(ActorCriticPolicy):
         and losses stay float32, and the optimizer steps float32 master copies of the LM's weights
         (:class:`agents.precision.MasterWeights`; Micikevicius et al. 2018), because Adam's
         fine-tuning-sized updates would mostly round away in bfloat16. LoRA adapters are float32
-        already (peft), so a LoRA policy needs no master copies.
+        already (peft), so a LoRA policy needs no master copies. The masters are not in SB3's zip:
+        ``load_state_dict`` (``PPO.load``) restarts them from the loaded, rounded weights;
+        :func:`agents.save_training_state` keeps them exactly.
     :param value_learning_rate: learning rate of a separate optimizer (same class and kwargs) for
         the value head; ``None``: one optimizer for everything, at SB3's learning rate. Adam moves
         every weight by about the learning rate per step, so a new value head trained at a
         pretrained LM's fine-tuning rate (~1e-6..1e-5) barely moves and its explained variance
-        stays near 0. The value optimizer steps right after SB3's (a step hook) at this fixed
-        rate; its state is not saved with the model (it restarts after ``load``).
+        stays near 0. The value optimizer (``self.value_optimizer``) steps right after SB3's (a step
+        hook) at this fixed rate. Its state travels inside ``self.optimizer.state_dict()`` under the
+        key :data:`VALUE_OPTIMIZER_KEY`, the one optimizer state SB3's ``save``/``load`` keep
+        (``policy.optimizer.pth`` in the zip), so ``PPO.load`` restores both; a zip saved before
+        textgym did this loads with a ``UserWarning`` and a fresh value optimizer.
     :param critic: ``False``: no value head. ``value_net`` then returns ``V(s) = 0`` with no
         parameters (so no value optimizer and no gradient from SB3's value loss, which becomes a
         constant), for advantages that need no critic: RLOO and GRPO
@@ -199,15 +214,42 @@ class TransformerPolicy(ActorCriticPolicy):
         self.optimizer = self.optimizer_class(self.master_weights.masters, lr=lr_schedule(1), **self.optimizer_kwargs)
         if self.master_weights.low_precision:
             self.master_weights.attach(self.optimizer)
+            self.register_load_state_dict_post_hook(self._sync_master_weights)
         if not shared:
             self.value_optimizer = self.optimizer_class(value_params, lr=self.value_learning_rate, **self.optimizer_kwargs)
             self.optimizer.register_step_post_hook(self._step_value_optimizer)
+            # SB3 saves and loads self.optimizer's state dict only: the value optimizer's rides along in it.
+            self.optimizer.register_state_dict_post_hook(self._add_value_optimizer_state)
+            self.optimizer.register_load_state_dict_pre_hook(self._load_value_optimizer_state)
 
     def _step_value_optimizer(self, optimizer, args, kwargs) -> None:
         # SB3 zeroes, clips and steps only self.optimizer; the value head's gradients were clipped
         # with the rest (clip_grad_norm_ over policy.parameters()), so step them here, then zero them.
         self.value_optimizer.step()
         self.value_optimizer.zero_grad()
+
+    @th.no_grad()
+    def _sync_master_weights(self, module, incompatible_keys) -> None:
+        # load_state_dict (SB3's PPO.load / set_parameters) writes the low-precision weights, not
+        # their float32 masters, whose stale values the next optimizer step would copy back over the
+        # loaded weights: restart the masters from the loaded weights.
+        for param, master in self.master_weights.pairs:
+            if param is not master:
+                master.copy_(param.float())
+
+    def _add_value_optimizer_state(self, optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        state_dict[VALUE_OPTIMIZER_KEY] = self.value_optimizer.state_dict()
+        return state_dict
+
+    def _load_value_optimizer_state(self, optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        # torch hands the hook a shallow copy: popping the key leaves the caller's dict alone, and
+        # torch's own loader never sees a key it does not know.
+        value_state = state_dict.pop(VALUE_OPTIMIZER_KEY, None)
+        if value_state is None:
+            warnings.warn(OLD_OPTIMIZER_STATE_WARNING, UserWarning, stacklevel=3)
+        else:
+            self.value_optimizer.load_state_dict(value_state)
+        return state_dict
 
     def _check_model(self) -> None:
         vocab = self.lm.get_output_embeddings().weight.shape[0]
