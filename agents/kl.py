@@ -10,6 +10,7 @@ buffer's rewards and recomputing GAE with SB3's own ``compute_returns_and_advant
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -155,29 +156,70 @@ class KLPenaltyCallback(BaseCallback):
     The controller is updated with ``kl/episode_kl`` after the penalty is applied. The last
     rollout's figures stay in ``self.stats`` (``dict[str, float]``, the same keys).
 
+    Resuming: the controller is stored on the model as ``model.kl_controller``, so ``model.save``
+    keeps it (an adaptive ``beta`` is training state) and ``PPO.load`` brings it back. At the start
+    of ``learn`` the callback *adopts the model's controller* when ``learn`` continues the model's
+    timestep count (``reset_num_timesteps=False`` on a model that has trained) and
+    ``resume_controller`` is true; the controller passed here is then only a fallback for models
+    that carry none, and a ``UserWarning`` says so if its type or settings differ from the adopted
+    one. Otherwise (a new count: ``learn``'s default ``reset_num_timesteps=True``, or
+    ``resume_controller=False``) the controller passed here is used and replaces the model's. So
+    ``PPO.load`` then ``learn(..., callback=KLPenaltyCallback(same arguments),
+    reset_num_timesteps=False)`` continues ``beta`` where it was (see :mod:`agents.resume`).
+
     :param kl_coef: a float (fixed ``beta``), or a controller with ``.value`` and
         ``.update(kl, n_episodes)`` (:class:`FixedKLController`, :class:`AdaptiveKLController`).
     :param reference_model: hub id or path of the reference LM; ``None``: the policy's model.
     :param verbose: SB3 verbosity.
+    :param resume_controller: adopt the model's saved controller when ``learn`` continues the
+        timestep count (see above); ``False``: always use ``kl_coef``.
     :raises TypeError: (at training start) the policy has no ``model_name_or_path`` and no
         ``reference_model`` was given.
     """
 
-    def __init__(self, kl_coef: Any = 0.05, reference_model: str | None = None, verbose: int = 0):
+    MODEL_ATTRIBUTE = "kl_controller"
+    """The model attribute that holds the controller (pickled by SB3's ``save`` with the model)."""
+
+    def __init__(self, kl_coef: Any = 0.05, reference_model: str | None = None, verbose: int = 0,
+                 resume_controller: bool = True):
         super().__init__(verbose)
         self.controller = FixedKLController(kl_coef) if isinstance(kl_coef, (int, float)) else kl_coef
         self.reference_model = reference_model
+        self.resume_controller = resume_controller
         self.reference = None
         self.stats: dict[str, float] = {}
 
     def _init_callback(self) -> None:
+        self._adopt_saved_controller()
         if self.reference is not None or self._uses_disabled_adapters():
             return
         name = self.reference_model or getattr(self.model.policy, "model_name_or_path", None)
         if name is None:
             raise TypeError("KLPenaltyCallback needs reference_model=... or a TransformerPolicy")
         kwargs = getattr(self.model.policy, "from_pretrained_kwargs", {})
-        self.reference = load_causal_lm(name, **kwargs).requires_grad_(False).to(self.model.device)
+        # from_pretrained draws from torch's global generator when it initialises weights the
+        # checkpoint lacks; a resumed run loads its reference at another point of that stream than
+        # the run it continues, so loading must leave the stream as it found it.
+        with th.random.fork_rng(devices=[]):
+            self.reference = load_causal_lm(name, **kwargs).requires_grad_(False).to(self.model.device)
+
+    def _adopt_saved_controller(self) -> None:
+        # _setup_learn zeroes num_timesteps before callbacks start unless learn continues the count.
+        saved = getattr(self.model, self.MODEL_ATTRIBUTE, None)
+        if self.resume_controller and saved is not None and self.model.num_timesteps > 0:
+            passed, adopted = self._settings(self.controller), self._settings(saved)
+            if saved is not self.controller and passed != adopted:
+                warnings.warn(f"KLPenaltyCallback continues the model's saved KL controller {adopted} "
+                              f"(beta={saved.value:.6g}), not the one passed ({passed}); "
+                              "pass resume_controller=False to use yours", UserWarning, stacklevel=2)
+            self.controller = saved
+        setattr(self.model, self.MODEL_ATTRIBUTE, self.controller)
+
+    @staticmethod
+    def _settings(controller: Any) -> str:
+        """A controller's type and attributes other than its current ``value``, as text (for comparison)."""
+        fields = {key: value for key, value in sorted(getattr(controller, "__dict__", {}).items()) if key != "value"}
+        return f"{type(controller).__name__}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
 
     def _uses_disabled_adapters(self) -> bool:
         return self.reference_model is None and getattr(self.model.policy, "peft_model", None) is not None
