@@ -21,7 +21,7 @@ import gymnasium as gym
 from gymnasium import spaces
 
 from textgym import assets, chat
-from textgym.env import check_token_action, load_tokenizer
+from textgym.env import _check_state_keys, check_token_action, load_tokenizer
 from textgym.spaces import TokenWindowSpace
 
 
@@ -266,6 +266,42 @@ class DialogueEnv(gym.Env):
             if self.render_mode == "human":
                 print(f"{self._text()}\n[return {self._return:+.3f}]", flush=True)
         return self._observation(), float(reward), bool(terminated), truncated, info
+
+    EPISODE_STATE_KEYS = ("game", "first", "messages", "prompt_tokens", "context", "reply", "replies", "return", "done")
+    """The keys of :meth:`get_episode_state`."""
+
+    def get_episode_state(self) -> dict[str, Any]:
+        """The game in progress, as a deep copy (for :func:`agents.resume.save_training_state`).
+
+        :return: ``game`` (a deep copy of the :class:`DialogueGame`, whose state is the game's: a
+            game must be deep-copyable, as :func:`as_game` already requires, and picklable to be
+            saved to a file), ``first`` (the first message), ``messages`` (the conversation),
+            ``prompt_tokens``, ``context`` and ``reply`` (``list[int]``: first turn, everything after
+            it, the reply being written), ``replies`` (``list[str]``), ``return`` (``float``, the
+            episode's return so far) and ``done`` (``bool``). Not included: ``self.np_random``.
+        """
+        return copy.deepcopy({"game": self.game, "first": self._first, "messages": self._messages,
+                              "prompt_tokens": self._prompt_tokens, "context": self._context, "reply": self._reply,
+                              "replies": self._replies, "return": self._return, "done": self._done})
+
+    def set_episode_state(self, state: dict[str, Any]) -> None:
+        """Continue the game ``state`` (from :meth:`get_episode_state` of an env built with the same
+        arguments); the env's game is replaced by a copy of the saved one. ``self.np_random`` is not touched.
+
+        :raises ValueError: a key is missing or unknown, or the tokens do not fit this env's windows.
+        :raises TypeError: ``state["game"]`` is not a :class:`DialogueGame`.
+        """
+        _check_state_keys(state, self.EPISODE_STATE_KEYS, type(self).__name__)
+        if not isinstance(state["game"], DialogueGame):
+            raise TypeError(f"state['game'] must be a DialogueGame, got {type(state['game']).__name__}")
+        if len(state["prompt_tokens"]) > self.observation_space.prompt_length or len(state["context"]) > self.max_context_tokens:
+            raise ValueError(f"the episode state holds {len(state['prompt_tokens'])} first-turn and {len(state['context'])} "
+                             f"context tokens, more than this env's windows ({self.observation_space.prompt_length}, "
+                             f"{self.max_context_tokens}); build the env with the arguments of the env it was saved from")
+        state = copy.deepcopy(state)
+        self.game, self._first, self._messages = state["game"], state["first"], state["messages"]
+        self._prompt_tokens, self._context, self._reply = state["prompt_tokens"], state["context"], state["reply"]
+        self._replies, self._return, self._done = state["replies"], float(state["return"]), bool(state["done"])
 
     def _observation(self) -> dict:
         return self.observation_space.encode(self._prompt_tokens, self._context)

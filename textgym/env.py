@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -53,6 +54,14 @@ def encode_prompts(tokenizer, prompts: Sequence, chat_template: bool = False,
             rendered[prompt] = ids
         out.append(list(ids))
     return out
+
+
+def _check_state_keys(state: dict[str, Any], keys: Sequence[str], env_name: str) -> None:
+    """Raise ``ValueError`` unless ``state`` has exactly ``keys`` (an episode state of ``env_name``)."""
+    missing, unknown = sorted(set(keys) - set(state)), sorted(set(state) - set(keys))
+    if missing or unknown:
+        raise ValueError(f"not an episode state of {env_name}: missing {missing}, unknown {unknown}; "
+                         f"pass what {env_name}.get_episode_state() returned")
 
 
 def check_token_action(action, vocab_size: int, episode_done: bool) -> int:
@@ -262,6 +271,37 @@ class TextGenEnv(gym.Env):
             if self.render_mode == "human":
                 print(f"{self._text()}  [reward {reward:+.3f}]", flush=True)
         return observation, reward, terminated, False, info
+
+    EPISODE_STATE_KEYS = ("prompt", "prompt_tokens", "generated", "done", "episode_info")
+    """The keys of :meth:`get_episode_state`."""
+
+    def get_episode_state(self) -> dict[str, Any]:
+        """The episode in progress, as a deep copy (for :func:`agents.resume.save_training_state`).
+
+        :return: ``prompt`` (the prompt string or conversation), ``prompt_tokens`` and ``generated``
+            (``list[int]``), ``done`` (``bool``: the episode ended, ``reset()`` is due) and
+            ``episode_info`` (the ``info`` every step starts from). Not included: ``self.np_random``
+            (Gymnasium's generator; save it separately) and the reward model, which is built by the
+            constructor and assumed to hold no state between calls.
+        """
+        return copy.deepcopy({"prompt": self._prompt, "prompt_tokens": self._prompt_tokens,
+                              "generated": self._generated, "done": self._done, "episode_info": self._episode_info})
+
+    def set_episode_state(self, state: dict[str, Any]) -> None:
+        """Continue the episode ``state`` (from :meth:`get_episode_state` of an env built with the same
+        arguments): the next ``step`` appends to its tokens. ``self.np_random`` is not touched.
+
+        :raises ValueError: a key is missing or unknown, or the tokens do not fit this env's windows.
+        """
+        _check_state_keys(state, self.EPISODE_STATE_KEYS, type(self).__name__)
+        space = self.observation_space
+        if len(state["prompt_tokens"]) > space.prompt_length or len(state["generated"]) > self.max_new_tokens:
+            raise ValueError(f"the episode state holds {len(state['prompt_tokens'])} prompt and {len(state['generated'])} "
+                             f"generated tokens, more than this env's windows ({space.prompt_length}, "
+                             f"{self.max_new_tokens}); build the env with the arguments of the env it was saved from")
+        state = copy.deepcopy(state)
+        self._prompt, self._prompt_tokens, self._generated = state["prompt"], state["prompt_tokens"], state["generated"]
+        self._done, self._episode_info = bool(state["done"]), state["episode_info"]
 
     def completion(self) -> str:
         """The generated text so far, without the stop token and other special tokens."""
