@@ -5,7 +5,8 @@
 - :func:`text_ppo_kwargs`: PPO settings to start from for text.
 - :class:`GroupRelativeRolloutBuffer`, :func:`group_ppo_kwargs`: critic-free PPO with RLOO or GRPO advantages.
 - :class:`KLPenaltyCallback`: per-token KL penalty to a frozen reference model (fixed or adaptive).
-- :func:`adapters_disabled`, :func:`merged_lm`: LoRA adapters (``policy_kwargs=dict(lora_config=...)``).
+- :func:`adapters_disabled`, :func:`merged_lm`, :func:`save_adapters`, :func:`load_adapters`: LoRA adapters
+  (``policy_kwargs=dict(lora_config=...)``); adapters-only checkpoints.
 - :func:`evaluate_against_reference`: held-out reward, KL, perplexity and diversity, trained vs reference.
 - :class:`SampleTextCallback`: sampled prompts, completions and rewards in TensorBoard and on the console.
 - :class:`RollingCheckpointCallback`: the last K checkpoints, optionally without optimizer state.
@@ -23,7 +24,7 @@ from agents.extractor import CausalLMExtractor, load_causal_lm
 from agents.evaluation import TextEvaluation, evaluate_against_reference
 from agents.export import export_pretrained
 from agents.kl import AdaptiveKLController, FixedKLController, KLPenaltyCallback
-from agents.lora import adapters_disabled, merged_lm
+from agents.lora import adapters_disabled, load_adapters, merged_lm, save_adapters
 from agents.policy import TransformerPolicy
 
 __all__ = [
@@ -42,7 +43,9 @@ __all__ = [
     "evaluate_against_reference",
     "export_pretrained",
     "group_ppo_kwargs",
+    "load_adapters",
     "load_causal_lm",
     "merged_lm",
+    "save_adapters",
     "text_ppo_kwargs",
 ]

@@ -211,3 +211,50 @@ def test_rollout_kv_cache_follows_adapters_switched_off_and_on_directly(tiny_env
         if adapters_off:
             assert (log_prob - adapters_on).abs().max() > 1e-2  # the toggle matters
         obs, *_ = env.step(actions.numpy())
+
+
+def test_adapters_checkpoint_rebuilds_the_policy_with_identical_logits(tiny_env_kwargs, tiny_lm, tmp_path):
+    from peft import PeftModel
+
+    from agents import load_adapters, save_adapters
+
+    model = make_model(tiny_env_kwargs)
+    model.learn(16)
+    policy = model.policy
+    save_adapters(policy, tmp_path / "adapters")
+    assert {"adapter_config.json", "adapter_model.safetensors", "policy_heads.safetensors",
+            "policy_config.pth"} <= {p.name for p in (tmp_path / "adapters").iterdir()}
+    policy.save(tmp_path / "policy.pth")  # SB3's policy-only file: the frozen base weights too
+    size = sum(p.stat().st_size for p in (tmp_path / "adapters").iterdir())
+    assert size < (tmp_path / "policy.pth").stat().st_size / 2
+
+    batch, actions = rollout_obs(model, tiny_env_kwargs)
+    with torch.no_grad():
+        expected_logits = policy.get_distribution(batch).distribution.logits
+        expected_values = policy.predict_values(batch)
+    assert expected_values.abs().max() > 0  # the value head trained: it is part of the checkpoint
+    fresh = make_model(tiny_env_kwargs, learning_rate=1e-3).policy  # same lora_config, untrained adapters
+    for loaded in (load_adapters(tmp_path / "adapters"), load_adapters(tmp_path / "adapters", policy=fresh)):
+        assert isinstance(loaded, TransformerPolicy) and loaded.lora_config == policy.lora_config
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.get_distribution(batch).distribution.logits, expected_logits, rtol=0, atol=0)
+            torch.testing.assert_close(loaded.predict_values(batch), expected_values, rtol=0, atol=0)
+    assert loaded is fresh
+
+    # peft reads the same folder onto the base model: the policy's LM
+    peft_lm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), tmp_path / "adapters").eval()
+    lm = peft_lm.base_model.model  # the transformers model with the adapters injected, as policy.lm
+    torch.testing.assert_close(lm_log_probs(lm, batch, actions), lm_log_probs(policy.lm, batch, actions), rtol=0, atol=1e-6)
+
+
+def test_adapters_checkpoint_errors(tiny_env_kwargs, tmp_path):
+    from agents import load_adapters, save_adapters
+
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        save_adapters(make_model(tiny_env_kwargs, lora_config=None).policy, tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="not a folder written by agents.save_adapters"):
+        load_adapters(tmp_path)
+    save_adapters(make_model(tiny_env_kwargs).policy, tmp_path / "adapters")
+    other = make_model(tiny_env_kwargs, lora_config=dict(LORA, r=2)).policy
+    with pytest.raises(ValueError, match="lora_config"):
+        load_adapters(tmp_path / "adapters", policy=other)
