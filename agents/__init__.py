@@ -7,9 +7,10 @@
 - :class:`KLPenaltyCallback`: per-token KL penalty to a frozen reference model (fixed or adaptive).
 - :func:`adapters_disabled`, :func:`merged_lm`, :func:`save_adapters`, :func:`load_adapters`: LoRA adapters
   (``policy_kwargs=dict(lora_config=...)``); adapters-only checkpoints.
+- :func:`save_training_state`, :func:`load_training_state`: exact resume (what ``model.save`` does not keep).
 - :func:`evaluate_against_reference`: held-out reward, KL, perplexity and diversity, trained vs reference.
 - :class:`SampleTextCallback`: sampled prompts, completions and rewards in TensorBoard and on the console.
-- :class:`RollingCheckpointCallback`: the last K checkpoints, optionally without optimizer state.
+- :class:`RollingCheckpointCallback`: the last K checkpoints; without optimizer state, adapters only, or resumable.
 - :func:`export_pretrained`: a Hugging Face model directory (LM, tokenizer, value head, model card).
 
 :mod:`agents.zoo` (rl-baselines3-zoo support: yaml-friendly callbacks, a tuning sampler for text,
@@ -26,6 +27,7 @@ from agents.export import export_pretrained
 from agents.kl import AdaptiveKLController, FixedKLController, KLPenaltyCallback
 from agents.lora import adapters_disabled, load_adapters, merged_lm, save_adapters
 from agents.policy import TransformerPolicy
+from agents.resume import load_training_state, save_training_state
 
 __all__ = [
     "TEXT_PPO_DEFAULTS",
@@ -45,7 +47,9 @@ __all__ = [
     "group_ppo_kwargs",
     "load_adapters",
     "load_causal_lm",
+    "load_training_state",
     "merged_lm",
     "save_adapters",
+    "save_training_state",
     "text_ppo_kwargs",
 ]

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
+
+from agents.lora import save_adapters
+from agents.resume import save_training_state
 
 
 class SampleTextCallback(BaseCallback):
@@ -90,55 +95,103 @@ def samples_table(infos: list[dict[str, Any]]) -> str:
 
 class RollingCheckpointCallback(CheckpointCallback):
     """SB3's ``CheckpointCallback`` that keeps only the last ``keep_last`` checkpoints, optionally
-    without optimizer state.
+    without optimizer state, without the frozen base LM, or exactly resumable.
 
     A full fine-tuning checkpoint of SmolLM2-135M is a 1.6 GB zip (weights plus Adam's two moment
     estimates, see README); a run that saves every few iterations fills a disk quickly. Every
     ``save_freq`` calls (as in SB3: calls of ``env.step``, i.e. ``n_envs`` steps each) this saves
 
-    - ``inference_only=False`` (default): the whole algorithm, ``{name_prefix}_{steps}_steps.zip``
-      (``model.save``; resume with ``PPO.load(path, env=env)``);
+    - by default: the whole algorithm, ``{name_prefix}_{steps}_steps.zip`` (``model.save``; resume
+      with ``PPO.load(path, env=env)``);
+    - ``training_state=True``: the same zip plus ``{name_prefix}_training_state_{steps}_steps.pkl``
+      (:func:`agents.resume.save_training_state`: random generators, envs' episodes in progress,
+      the next observation), so that ``PPO.load`` + :func:`agents.resume.load_training_state` +
+      ``learn(..., reset_num_timesteps=False)`` continues as if never interrupted. Both are written
+      at the first rollout start at or after every ``save_freq``-th call, i.e. between PPO
+      iterations (a checkpoint inside a rollout would lose that rollout), so the step counts in
+      the names are multiples of ``n_steps * n_envs``;
     - ``inference_only=True``: only the policy's weights and constructor arguments, no optimizer
       state, ``{name_prefix}_policy_{steps}_steps.pth`` (SB3's ``BasePolicy.save``; load with
       ``TransformerPolicy.load(path)``, e.g. for :func:`agents.evaluate_against_reference` or
       ``predict``);
+    - ``adapters_only=True`` (LoRA policies): the folder ``{name_prefix}_adapters_{steps}_steps``
+      with the adapters, the value head and the constructor arguments, no frozen base weights and
+      no optimizer state (:func:`agents.lora.save_adapters`; load with
+      :func:`agents.lora.load_adapters`): a few MB instead of the LM's size;
 
-    then deletes this callback's checkpoints (and VecNormalize / replay-buffer files of the same
-    steps) older than the ``keep_last`` newest.
+    then deletes this callback's checkpoints (and VecNormalize / replay-buffer / training-state
+    files of the same steps) older than the ``keep_last`` newest.
 
     :param save_freq: save every ``save_freq`` calls of the callback, >= 1.
     :param save_path: folder of the checkpoints (created if missing).
     :param name_prefix: file-name prefix.
     :param keep_last: how many checkpoints to keep, >= 1; ``None`` keeps all (SB3's behaviour).
     :param inference_only: save the policy alone, without optimizer state.
+    :param adapters_only: save a LoRA policy's adapters and value head alone.
+    :param training_state: also save the training state, at rollout boundaries.
     :param kwargs: other ``CheckpointCallback`` arguments (``save_vecnormalize``, ``verbose``, ...).
-    :raises ValueError: ``save_freq`` or ``keep_last`` below 1.
+    :raises ValueError: ``save_freq`` or ``keep_last`` below 1; more than one of ``inference_only``,
+        ``adapters_only``, ``training_state``; ``training_state`` with ``save_replay_buffer`` or
+        ``save_vecnormalize``; (at training start) ``adapters_only`` for a policy without LoRA adapters.
     """
 
     def __init__(self, save_freq: int, save_path: str, name_prefix: str = "rl_model", keep_last: int | None = 3,
-                 inference_only: bool = False, **kwargs: Any):
+                 inference_only: bool = False, adapters_only: bool = False, training_state: bool = False,
+                 **kwargs: Any):
         if save_freq < 1 or (keep_last is not None and keep_last < 1):
             raise ValueError(f"save_freq and keep_last must be >= 1, got {save_freq} and {keep_last}")
+        if inference_only + adapters_only + training_state > 1:
+            raise ValueError("inference_only, adapters_only and training_state choose what to save: pass one of them")
+        if training_state and (kwargs.get("save_replay_buffer") or kwargs.get("save_vecnormalize")):
+            raise ValueError("training_state=True saves on-policy runs on a DummyVecEnv; it does not combine with "
+                             "save_replay_buffer or save_vecnormalize")
         super().__init__(save_freq, save_path, name_prefix, **kwargs)
         self.keep_last, self.inference_only = keep_last, inference_only
+        self.adapters_only, self.training_state = adapters_only, training_state
+        self._due = False
+
+    def _init_callback(self) -> None:
+        super()._init_callback()
+        if self.adapters_only and getattr(self.model.policy, "peft_model", None) is None:
+            raise ValueError("adapters_only=True needs a LoRA policy (policy_kwargs=dict(lora_config=...)); "
+                             "use inference_only=True for a policy without adapters")
 
     def _on_step(self) -> bool:
-        if self.n_calls % self.save_freq != 0:
-            return True
-        if self.inference_only:
-            path = self._checkpoint_path("policy_", extension="pth")
-            self.model.policy.save(path)
-            if self.verbose >= 2:
-                print(f"Saving policy checkpoint to {path}")
-        else:
-            super()._on_step()
-        if self.keep_last is not None:
-            self._prune()
+        if self.n_calls % self.save_freq == 0:
+            if self.training_state:
+                self._due = True  # saved at the next rollout start, once PPO's update is done
+            else:
+                self._save()
         return True
 
+    def _on_rollout_start(self) -> None:
+        if self._due:
+            self._due = False
+            self._save()
+
+    def _save(self) -> None:
+        if self.adapters_only:
+            path = os.path.join(self.save_path, f"{self.name_prefix}_adapters_{self.num_timesteps}_steps")
+            save_adapters(self.model.policy, path)
+        elif self.inference_only:
+            path = self._checkpoint_path("policy_", extension="pth")
+            self.model.policy.save(path)
+        elif self.training_state:
+            path = self._checkpoint_path(extension="zip")
+            self.model.save(path)
+            save_training_state(self.model, self._checkpoint_path("training_state_", extension="pkl"))
+        else:
+            super()._on_step()  # SB3's own save (its n_calls check holds: called on a multiple of save_freq)
+            path = None
+        if path is not None and self.verbose >= 2:
+            print(f"Saving checkpoint to {path}")
+        if self.keep_last is not None:
+            self._prune()
+
     def checkpoints(self) -> dict[int, list[Path]]:
-        """This callback's files in ``save_path`` by the step count in their names, oldest first."""
-        pattern = re.compile(rf"{re.escape(self.name_prefix)}_(?:policy_|vecnormalize_|replay_buffer_)?(\d+)_steps\.\w+")
+        """This callback's files and folders in ``save_path`` by the step count in their names, oldest first."""
+        kinds = "policy_|adapters_|training_state_|vecnormalize_|replay_buffer_"
+        pattern = re.compile(rf"{re.escape(self.name_prefix)}_(?:{kinds})?(\d+)_steps(?:\.\w+)?")
         found: dict[int, list[Path]] = {}
         for path in Path(self.save_path).iterdir():
             match = pattern.fullmatch(path.name)
@@ -150,4 +203,7 @@ class RollingCheckpointCallback(CheckpointCallback):
         steps = list(self.checkpoints().items())
         for _, paths in steps[:-self.keep_last]:
             for path in paths:
-                path.unlink()
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()

@@ -96,3 +96,35 @@ def test_inference_only_checkpoint_has_no_optimizer_and_reloads_the_policy(tiny_
     with torch.no_grad():
         torch.testing.assert_close(policy.get_distribution(obs).distribution.logits,
                                    model.policy.get_distribution(obs).distribution.logits, rtol=0, atol=0)
+
+
+def test_adapters_only_checkpoints_are_small_folders_that_reload_the_policy(tiny_env_kwargs, tmp_path):
+    from agents import RollingCheckpointCallback, load_adapters
+
+    lora = dict(lora_config=dict(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    env = make_vec_env("TextGen-v0", n_envs=2, seed=0, env_kwargs=tiny_env_kwargs)
+    model = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=8, batch_size=16, n_epochs=1, learning_rate=1e-2,
+                                                                   policy_kwargs=lora))
+    callback = RollingCheckpointCallback(save_freq=8, save_path=str(tmp_path / "ckpt"), keep_last=1, adapters_only=True)
+    snapshot = Snapshot()
+    model.learn(32, callback=[callback, snapshot])
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["rl_model_adapters_32_steps"]  # older folders pruned
+    policy = load_adapters(tmp_path / "ckpt" / "rl_model_adapters_32_steps")
+    model.policy.load_state_dict(snapshot.state)  # the weights at the save (a rollout step, before the last update)
+    obs = {k: torch.as_tensor(v) for k, v in env.reset().items()}
+    with torch.no_grad():
+        torch.testing.assert_close(policy.get_distribution(obs).distribution.logits,
+                                   model.policy.get_distribution(obs).distribution.logits, rtol=0, atol=0)
+
+    full = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=8, batch_size=16, n_epochs=1))
+    with pytest.raises(ValueError, match="needs a LoRA policy"):
+        full.learn(16, callback=RollingCheckpointCallback(8, str(tmp_path / "x"), adapters_only=True))
+
+
+def test_checkpoint_kinds_are_exclusive():
+    from agents import RollingCheckpointCallback
+
+    with pytest.raises(ValueError, match="pass one of them"):
+        RollingCheckpointCallback(8, "x", inference_only=True, adapters_only=True)
+    with pytest.raises(ValueError, match="save_vecnormalize"):
+        RollingCheckpointCallback(8, "x", training_state=True, save_vecnormalize=True)

@@ -1,0 +1,306 @@
+"""Exact resume: the training state that SB3's ``model.save`` does not keep.
+
+``PPO.load(path, env=env)`` then ``learn(n, reset_num_timesteps=False)`` continues a run from SB3's
+zip, which holds the policy's weights, the optimizer's state (with :class:`agents.TransformerPolicy`
+the value-head optimizer's too, see its ``value_learning_rate``), the hyperparameters, the counters
+(``num_timesteps``, ``_n_updates``, ``_episode_num``), the episode statistics (``ep_info_buffer``,
+``ep_success_buffer``) and every other picklable attribute of the model, such as
+:class:`agents.KLPenaltyCallback`'s controller (``model.kl_controller``). What the zip lacks makes
+the continued run differ from one that was never interrupted:
+
+- the random generators: torch's (CPU, and CUDA where present), numpy's global one (SB3's rollout
+  buffers shuffle with it) and Python's ``random`` (TextArena seeds it at every game);
+- a low-precision policy's float32 master weights (:class:`agents.precision.MasterWeights`;
+  ``PPO.load`` restarts them from the rounded bfloat16 weights). They cost 4 bytes per
+  trainable low-precision weight in the file (538 MB for SmolLM2-135M in bfloat16); a float32 or
+  LoRA policy has none, and its file holds little more than the observations and env states;
+- each env's ``np_random`` and its episode in progress (``get_episode_state``: a
+  :class:`textgym.TextGenEnv`'s prompt and tokens so far; a :class:`textgym.DialogueEnv`'s game,
+  conversation and return);
+- the ``Monitor`` wrapper's episode in progress and totals, ``TimeLimit``'s step count;
+- the observation the next rollout starts from (``model._last_obs``: ``PPO.load`` drops it, so
+  ``learn`` would reset every env and cut the episodes in progress).
+
+:func:`save_training_state` writes these to one file; :func:`load_training_state` puts them back into
+the model ``PPO.load`` returned and into its fresh envs::
+
+    model.learn(10_000, callback=KLPenaltyCallback(AdaptiveKLController(0.05, target=4.0)))
+    model.save("run.zip")
+    save_training_state(model, "run_state.pkl")
+    # ... later, in a new process:
+    env = make_vec_env("TextGen-v0", n_envs=8, env_kwargs=...)          # built as before
+    model = PPO.load("run.zip", env=env)
+    load_training_state(model, "run_state.pkl")
+    model.learn(10_000, callback=KLPenaltyCallback(AdaptiveKLController(0.05, target=4.0)),
+                reset_num_timesteps=False)
+
+:class:`agents.RollingCheckpointCallback` with ``training_state=True`` writes both files at rollout
+boundaries during ``learn``. The continued run then ends with the same weights, the same Monitor
+episodes and the same KL coefficient as an uninterrupted one (tested to float tolerance).
+
+Save between PPO iterations only: after ``learn`` returns, or from a callback's
+``_on_rollout_start``. In the middle of a rollout (``_on_step``) or between a rollout and its update
+(``_on_rollout_end``) the rollout in progress would be lost; :func:`save_training_state` refuses.
+
+Not restored: envs in other processes (``SubprocVecEnv``: raises); VecEnv wrappers with state of
+their own (``VecNormalize``, ``VecMonitor``, ``VecFrameStack``: raise; any other wrapper is passed
+through and assumed to keep nothing between steps); gym wrappers other than ``Monitor`` and
+``TimeLimit``; envs without ``get_episode_state``/``set_episode_state`` (raise); reward models and
+games that keep state outside the env's episode (a reward model is rebuilt by the env's
+constructor; a dialogue's game is saved whole); ``Monitor``'s start time and its file (its episodes'
+``t`` count from the new ``Monitor``'s start, and a ``monitor_dir`` file is started anew unless
+``monitor_kwargs=dict(override_existing=False)``); the envs' action-space generators (PPO never
+samples them); ``np_random_seed`` (``-1`` after a resume, as Gymnasium reports for any generator set
+directly). TensorBoard continues in the run's last directory (SB3's behaviour with
+``reset_num_timesteps=False``).
+
+The file is a pickle (``cloudpickle``, as SB3's zip uses): load only files you trust.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import gymnasium as gym
+import numpy as np
+import torch as th
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper, VecFrameStack, VecMonitor, VecNormalize
+
+FORMAT = "textgym.training_state"
+"""The ``format`` entry of a training-state file."""
+
+VERSION = 1
+"""The ``version`` entry of files this module writes; other versions raise on load."""
+
+MONITOR_FIELDS = ("rewards", "needs_reset", "episode_returns", "episode_lengths", "episode_times", "total_steps",
+                  "current_reset_info")
+"""SB3 ``Monitor`` attributes saved per env: the episode in progress and the totals."""
+
+STATEFUL_VEC_WRAPPERS = (VecNormalize, VecMonitor, VecFrameStack)
+"""VecEnv wrappers whose own state this module does not save; a model whose env has one raises."""
+
+
+def save_training_state(model: Any, path: str | os.PathLike) -> Path:
+    """Write what ``model.save`` does not keep (see the module doc) to ``path``.
+
+    Call it next to ``model.save`` at the same moment, between PPO iterations.
+
+    :param model: an SB3 algorithm (``PPO``, ``A2C``, ...) whose env is a ``DummyVecEnv`` of envs
+        with ``get_episode_state`` (every textgym env), possibly inside stateless VecEnv wrappers.
+    :param path: file to write (parent folders are created); e.g. ``run_state.pkl``.
+    :return: the path written.
+    :raises ValueError: the model has not collected a step yet (nothing to resume), or is in the
+        middle of a rollout or between a rollout and its update.
+    :raises TypeError: the envs cannot be saved: ``SubprocVecEnv``, a stateful VecEnv wrapper, an
+        env without ``get_episode_state``, or an episode state (a dialogue's game) that cannot be pickled.
+    """
+    venv = _dummy_vec_env(model)
+    _check_between_iterations(model, venv)
+    state = {
+        "format": FORMAT,
+        "version": VERSION,
+        "num_timesteps": int(model.num_timesteps),
+        "rng": _rng_state(),
+        "last_obs": copy.deepcopy(model._last_obs),
+        "last_episode_starts": copy.deepcopy(model._last_episode_starts),
+        "master_weights": [master.detach().cpu().clone() for master in _separate_masters(model.policy)],
+        "envs": [_env_state(env, i) for i, env in enumerate(venv.envs)],
+    }
+    try:
+        data = cloudpickle.dumps(state)
+    except Exception as error:  # any object in an episode state may refuse to pickle, each in its own way
+        raise TypeError(f"the training state cannot be pickled ({type(error).__name__}: {error}); every env's "
+                        "episode state (a DialogueEnv's game) must be picklable to be saved") from error
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def load_training_state(model: Any, path: str | os.PathLike) -> None:
+    """Put a :func:`save_training_state` file back into ``model`` and its envs.
+
+    ``model`` is what ``PPO.load(zip, env=env)`` returned for the zip saved with the file, ``env``
+    built as the saved run's was (same env ids, arguments, number of envs and wrappers; seeds do not
+    matter). This resets the envs once (which applies and so discards the seeds ``PPO.load`` set),
+    then overwrites their generators, episodes and ``Monitor`` counters, ``model._last_obs`` and the
+    global random generators. Continue with ``model.learn(n, reset_num_timesteps=False)`` (and a
+    :class:`agents.KLPenaltyCallback`, which adopts the saved controller).
+
+    :param model: the loaded SB3 algorithm, with its env set.
+    :param path: a file written by :func:`save_training_state`.
+    :raises ValueError: not a training-state file, another format version, or it does not match the
+        model (other timestep count: a zip from another moment) or the envs (number, wrappers, type).
+    :raises TypeError: the envs cannot be restored (see :func:`save_training_state`).
+    """
+    state = _read(Path(path))
+    venv = _dummy_vec_env(model)
+    if state["num_timesteps"] != model.num_timesteps:
+        raise ValueError(f"{path} was saved at {state['num_timesteps']} timesteps but the model is at "
+                         f"{model.num_timesteps}; load the zip saved together with it")
+    if len(state["envs"]) != venv.num_envs:
+        raise ValueError(f"{path} holds {len(state['envs'])} envs but the model's env has {venv.num_envs}; "
+                         "build as many envs as the saved run had")
+    for index, (env, saved) in enumerate(zip(venv.envs, state["envs"])):
+        _check_same_env(env, saved, index)
+    _set_masters(model.policy, state["master_weights"], path)
+    model.get_env().reset()
+    for env, saved in zip(venv.envs, state["envs"]):
+        _restore_env(env, saved)
+    model._last_obs = copy.deepcopy(state["last_obs"])
+    model._last_episode_starts = copy.deepcopy(state["last_episode_starts"])
+    _set_buffered_obs(venv, state["last_obs"])
+    _set_rng_state(state["rng"])  # last: resetting the envs above may draw from Python's random (TextArena)
+
+
+def _dummy_vec_env(model: Any) -> DummyVecEnv:
+    """The ``DummyVecEnv`` under ``model``'s env, through stateless VecEnv wrappers."""
+    env = model.get_env()
+    if env is None:
+        raise ValueError("the model has no env; pass env= to PPO.load (built as the saved run's)")
+    while isinstance(env, VecEnvWrapper):
+        if isinstance(env, STATEFUL_VEC_WRAPPERS):
+            raise TypeError(f"{type(env).__name__} keeps state of its own that the training state does not save; "
+                            "exact resume supports DummyVecEnv and stateless VecEnv wrappers")
+        env = env.venv
+    if not isinstance(env, DummyVecEnv):
+        raise TypeError(f"the envs run in a {type(env).__name__}, not a DummyVecEnv (a SubprocVecEnv's envs live in "
+                        "other processes); build them with DummyVecEnv (make_vec_env's default) to save their state")
+    return env
+
+
+def _check_between_iterations(model: Any, venv: DummyVecEnv) -> None:
+    """Raise ``ValueError`` unless ``model`` sits between two PPO iterations (see the module doc)."""
+    if model._last_obs is None:
+        raise ValueError("the model has not collected a step since it was built or loaded (model._last_obs is None): "
+                         "there is no run to resume; save after learn()")
+    buffer = getattr(model, "rollout_buffer", None)
+    # At a step callback SB3 has stepped the envs but not yet moved _last_obs to their new observation.
+    in_rollout = not _same_obs(model._last_obs, venv.buf_obs) or (buffer is not None and 0 < buffer.pos < buffer.buffer_size)
+    # After a rollout the buffer is full; PPO's update (RolloutBuffer.get) sets generator_ready.
+    before_update = buffer is not None and buffer.full and not buffer.generator_ready
+    if in_rollout or before_update:
+        where = "in the middle of a rollout" if in_rollout else "after a rollout, before its update"
+        raise ValueError(f"save_training_state was called {where}, which a resumed run cannot continue exactly; "
+                         "save between iterations: after learn() returns or in a callback's _on_rollout_start")
+
+
+def _same_obs(obs: Any, buf_obs: dict) -> bool:
+    """Whether ``obs`` (a dict or an array) equals a ``DummyVecEnv``'s ``buf_obs`` (``{key or None: array}``)."""
+    as_dict = obs if isinstance(obs, dict) else {None: obs}
+    return set(as_dict) == set(buf_obs) and all(np.array_equal(as_dict[key], buf_obs[key]) for key in buf_obs)
+
+
+def _set_buffered_obs(venv: DummyVecEnv, obs: Any) -> None:
+    as_dict = obs if isinstance(obs, dict) else {None: obs}
+    for key, value in as_dict.items():
+        venv.buf_obs[key][...] = value
+
+
+def _separate_masters(policy: Any) -> list[th.Tensor]:
+    """The float32 masters of a policy's low-precision weights (none for float32 or LoRA policies)."""
+    master_weights = getattr(policy, "master_weights", None)
+    return [] if master_weights is None else [master for param, master in master_weights.pairs if param is not master]
+
+
+@th.no_grad()
+def _set_masters(policy: Any, saved: list[th.Tensor], path: Any) -> None:
+    masters = _separate_masters(policy)
+    if [m.shape for m in masters] != [s.shape for s in saved]:
+        raise ValueError(f"{path} holds {len(saved)} float32 master weights but the policy has {len(masters)} "
+                         "(of other shapes): load it into a policy of the saved run's dtype and model")
+    for master, value in zip(masters, saved):
+        master.copy_(value)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": th.get_rng_state(),
+        "cuda": th.cuda.get_rng_state_all() if th.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    th.set_rng_state(state["torch"])
+    if state["cuda"] is not None and th.cuda.is_available() and len(state["cuda"]) == th.cuda.device_count():
+        th.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _wrappers(env: gym.Env) -> list[gym.Wrapper]:
+    """The wrappers around an env, outermost first."""
+    found = []
+    while isinstance(env, gym.Wrapper):
+        found.append(env)
+        env = env.env
+    return found
+
+
+def _wrapper_state(wrapper: gym.Wrapper) -> Any:
+    if isinstance(wrapper, Monitor):
+        return {name: copy.deepcopy(getattr(wrapper, name)) for name in MONITOR_FIELDS}
+    if isinstance(wrapper, gym.wrappers.TimeLimit):
+        return wrapper._elapsed_steps  # Gymnasium keeps the count only in this attribute
+    return None
+
+
+def _set_wrapper_state(wrapper: gym.Wrapper, state: Any) -> None:
+    if isinstance(wrapper, Monitor):
+        for name, value in state.items():
+            setattr(wrapper, name, copy.deepcopy(value))
+    elif isinstance(wrapper, gym.wrappers.TimeLimit):
+        wrapper._elapsed_steps = state
+
+
+def _env_state(env: gym.Env, index: int) -> dict[str, Any]:
+    unwrapped = env.unwrapped
+    if not callable(getattr(unwrapped, "get_episode_state", None)):
+        raise TypeError(f"env {index} ({type(unwrapped).__name__}) has no get_episode_state(): its episode in progress "
+                        "cannot be saved; textgym's envs have it (see textgym.TextGenEnv.get_episode_state)")
+    return {
+        "env_class": type(unwrapped).__name__,
+        "np_random": copy.deepcopy(unwrapped.np_random),
+        "episode": unwrapped.get_episode_state(),
+        "wrappers": [(type(w).__name__, _wrapper_state(w)) for w in _wrappers(env)],
+    }
+
+
+def _check_same_env(env: gym.Env, saved: dict[str, Any], index: int) -> None:
+    """Raise ``ValueError`` unless ``env`` has the saved env's class and wrappers."""
+    layers = [type(w).__name__ for w in _wrappers(env)] + [type(env.unwrapped).__name__]
+    saved_layers = [name for name, _ in saved["wrappers"]] + [saved["env_class"]]
+    if layers != saved_layers:
+        raise ValueError(f"env {index} is {layers} (wrappers, then env) but the saved one was {saved_layers}; "
+                         "build the envs as the saved run did")
+
+
+def _restore_env(env: gym.Env, saved: dict[str, Any]) -> None:
+    env.unwrapped.set_episode_state(saved["episode"])
+    env.unwrapped.np_random = copy.deepcopy(saved["np_random"])
+    for wrapper, (_, state) in zip(_wrappers(env), saved["wrappers"]):
+        _set_wrapper_state(wrapper, state)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """The training state in ``path``, checked for its format and version."""
+    try:
+        with path.open("rb") as file:
+            state = pickle.load(file)
+    except (pickle.UnpicklingError, EOFError) as error:  # e.g. the zip passed instead of the state file
+        raise ValueError(f"{path} is not a training-state file (written by agents.save_training_state): {error}") from error
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a training-state file (written by agents.save_training_state)")
+    if state.get("version") != VERSION:
+        raise ValueError(f"{path} is a training state of version {state.get('version')}; this textgym reads "
+                         f"version {VERSION}")
+    return state
