@@ -5,6 +5,8 @@
 - :func:`text_ppo_kwargs`: PPO settings to start from for text.
 - :class:`GroupRelativeRolloutBuffer`, :func:`group_ppo_kwargs`: critic-free PPO with RLOO or GRPO advantages.
 - :class:`KLPenaltyCallback`: per-token KL penalty to a frozen reference model (fixed or adaptive).
+- :class:`MaskableTransformerPolicy`, :class:`MaskableEpisodeRolloutBuffer`, :class:`NLPOCallback`,
+  :func:`nlpo_kwargs`: NLPO (PPO within a learned top-p mask) on sb3-contrib's ``MaskablePPO``.
 - :func:`adapters_disabled`, :func:`merged_lm`, :func:`save_adapters`, :func:`load_adapters`: LoRA adapters
   (``policy_kwargs=dict(lora_config=...)``); adapters-only checkpoints.
 - :func:`save_training_state`, :func:`load_training_state`: exact resume (what ``model.save`` does not keep).
@@ -26,6 +28,7 @@ from agents.evaluation import TextEvaluation, evaluate_against_reference
 from agents.export import export_pretrained
 from agents.kl import AdaptiveKLController, FixedKLController, KLPenaltyCallback
 from agents.lora import adapters_disabled, load_adapters, merged_lm, save_adapters
+from agents.nlpo import MaskableEpisodeRolloutBuffer, MaskableTransformerPolicy, NLPOCallback, nlpo_kwargs
 from agents.policy import TransformerPolicy
 from agents.resume import load_training_state, save_training_state
 
@@ -34,6 +37,9 @@ __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "KLPenaltyCallback",
+    "MaskableEpisodeRolloutBuffer",
+    "MaskableTransformerPolicy",
+    "NLPOCallback",
     "RollingCheckpointCallback",
     "SampleTextCallback",
     "CausalLMExtractor",
@@ -49,6 +55,7 @@ __all__ = [
     "load_causal_lm",
     "load_training_state",
     "merged_lm",
+    "nlpo_kwargs",
     "save_adapters",
     "save_training_state",
     "text_ppo_kwargs",
