@@ -108,7 +108,7 @@ class GroupRelativeRolloutBuffer(EpisodeRolloutBuffer):
 
     Replaces SB3's GAE (:meth:`compute_returns_and_advantage`) for critic-free PPO. Episodes of the
     rollout are grouped by their prompt window (the first ``prompt_length`` tokens of the
-    observation, the same at every step of an episode; :class:`textgym.groups.GroupedPrompts`
+    observation, the same at every step of an episode; :class:`textgym.vec_env.GroupedPrompts`
     makes groups of envs draw the same prompts), and every step of episode ``i`` gets the advantage
 
     - ``"rloo"`` (Ahmadian et al. 2024, REINFORCE Leave-One-Out; Kool et al. 2019):

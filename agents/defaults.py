@@ -59,7 +59,7 @@ def group_ppo_kwargs(baseline: str = "grpo", **overrides: Any) -> dict[str, Any]
     ``normalize_advantage=False`` (the buffer's zero advantages must stay zero; GRPO normalises
     per group already), ``vf_coef=0`` and ``policy_kwargs=dict(critic=False)``, then applies
     ``overrides`` as :func:`text_ppo_kwargs` does. Wrap the envs in
-    :class:`textgym.groups.GroupedPrompts` so that each prompt is sampled by several envs.
+    :class:`textgym.vec_env.GroupedPrompts` so that each prompt is sampled by several envs.
 
     :param baseline: ``"rloo"`` or ``"grpo"`` (see :class:`agents.GroupRelativeRolloutBuffer`).
     :raises ValueError: an unknown ``baseline``.

@@ -7,7 +7,7 @@ Variants (``--variants``):
 
 - ``ppo``: today's default, PPO with a critic and GAE (:func:`agents.text_ppo_kwargs`);
 - ``rloo``, ``grpo``: critic-free PPO with group-relative advantages, 2 groups of 4 envs sharing
-  prompts (:func:`agents.group_ppo_kwargs`, :class:`textgym.groups.GroupedPrompts`);
+  prompts (:func:`agents.group_ppo_kwargs`, :class:`textgym.vec_env.GroupedPrompts`);
 - ``a2c``: SB3's A2C (one gradient step per rollout, Adam, the same buffer and value head);
 - ``trpo``: sb3-contrib's TRPO (slow on a CPU: each step differentiates the KL twice through the LM).
 
@@ -47,7 +47,7 @@ def build_model(variant: str, args: argparse.Namespace, seed: int):
     from stable_baselines3.common.env_util import make_vec_env
 
     from agents import EpisodeRolloutBuffer, TransformerPolicy, group_ppo_kwargs, text_ppo_kwargs
-    from textgym.groups import GroupedPrompts
+    from textgym.vec_env import GroupedPrompts
 
     env = make_vec_env("TextGen-v0", n_envs=args.n_envs, seed=seed, env_kwargs=dict(max_new_tokens=args.max_new_tokens))
     common = dict(learning_rate=args.learning_rate, n_steps=args.n_steps)

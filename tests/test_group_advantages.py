@@ -13,7 +13,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 
 from agents import GroupRelativeRolloutBuffer, KLPenaltyCallback, TransformerPolicy, group_ppo_kwargs
-from textgym.groups import GroupedPrompts
+from textgym.vec_env import GroupedPrompts
 from textgym.spaces import TokenWindowSpace
 from textgym.tasks.synthetic import TASKS
 from textgym.tiny import save_tiny_lm

@@ -10,7 +10,7 @@ from their modules on first access, e.g. ``textgym.TextGenEnv``.
 
 Layout: :mod:`textgym.env` (the environment), :mod:`textgym.spaces`, :mod:`textgym.prompts`,
 :mod:`textgym.assets`, :mod:`textgym.tiny`, :mod:`textgym.chat` (chat templates), :mod:`textgym.dialogue`
-(multi-turn games), :mod:`textgym.groups` (envs that share prompts, for RLOO/GRPO); :mod:`textgym.tasks`
+(multi-turn games), :mod:`textgym.vec_env` (VecEnv wrappers: envs that share prompts for RLOO/GRPO, batched reward scoring); :mod:`textgym.tasks`
 (what to generate: the sentiment task's prompts, the reasoning-gym tasks, the synthetic tasks) and :mod:`textgym.rewards` (the reward contract and models).
 """
 
@@ -38,7 +38,7 @@ _PUBLIC = {
     "DialogueEnv": "textgym.dialogue",
     "DialogueGame": "textgym.dialogue",
     "FineTunedRewardModel": "textgym.rewards.finetuned",
-    "GroupedPrompts": "textgym.groups",
+    "GroupedPrompts": "textgym.vec_env",
     "TASKS": "textgym.tasks.synthetic",
     "SentimentRewardModel": "textgym.rewards.sentiment",
     "SequenceClassifierReward": "textgym.rewards.classifier",
@@ -48,7 +48,7 @@ _PUBLIC = {
 }
 """Public name -> the module defining it (imported on first access of ``textgym.<name>``)."""
 
-_SUBMODULES = ("assets", "chat", "dialogue", "env", "groups", "prompts", "rewards", "spaces", "tasks", "tiny")
+_SUBMODULES = ("assets", "chat", "dialogue", "env", "prompts", "rewards", "spaces", "tasks", "tiny", "vec_env")
 """Submodules reachable as ``textgym.<module>`` after a bare ``import textgym`` (imported on first access)."""
 
 __all__ = [
