@@ -26,6 +26,13 @@ Every case runs in a fresh subprocess, so its peak RSS is its own. Tables:
    turn-level way of writing the same replies: ``generate`` of ``T`` tokens per turn on the
    whole conversation so far, re-encoded through the chat template each turn (what a library
    that steps once per reply does). The iteration table (3) also has the TextArena demo's job.
+6. **Reward scoring** (``--tables rewards``): seconds in the sentiment job's reward model (the
+   fine-tuned MiniLM reward model) per PPO iteration of 32 steps per env, with each env scoring
+   its own text (one call per finished episode) and with :class:`textgym.vec_env.BatchedRewards`
+   (one call per step for all episodes ending in it), at ``--reward-envs`` envs. Actions are
+   uniformly random token ids (16-token episodes, all ending together, as in the main job where
+   the mean length is 16.0); the reward model's cost does not depend on the policy. Mean of 3
+   iterations after one warm-up.
 
 Models: ``tiny`` (2-layer GPT-2), ``smollm2`` (SmolLM2-135M-Instruct continuing 6-word movie-review
 openings) and ``smollm2-chat`` (the same LM in chat mode on the reasoning demo's questions: the
@@ -313,7 +320,44 @@ def case_dialogue(model: str, n_envs: int, reply_tokens: int, turns: int) -> dic
     return result
 
 
-TABLES = ["rollout", "update", "iteration", "threads", "dialogue"]
+class TimedReward:
+    """A reward callable that counts its calls and the seconds spent in them."""
+
+    def __init__(self, reward_fn):
+        self.reward_fn, self.calls, self.seconds = reward_fn, 0, 0.0
+
+    def __call__(self, prompts, completions):
+        start = time.perf_counter()
+        try:
+            return self.reward_fn(prompts, completions)
+        finally:
+            self.calls, self.seconds = self.calls + 1, self.seconds + time.perf_counter() - start
+
+
+def case_rewards(n_envs: int, batched: bool, iterations: int = 3, n_steps: int = 32) -> dict:
+    """Reward-model seconds and calls per iteration of ``n_steps`` random steps per env."""
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from textgym.rewards import default_reward_model
+    from textgym.vec_env import BatchedRewards
+
+    reward = TimedReward(default_reward_model())
+    venv = make_vec_env("TextGen-v0", n_envs=n_envs, seed=0, env_kwargs={**SENTIMENT_JOB, "reward_model": reward})
+    venv = BatchedRewards(venv) if batched else venv
+    rng = np.random.default_rng(0)
+    venv.reset()
+    seconds, calls = [], []
+    for _ in range(iterations + 1):
+        reward.calls, reward.seconds = 0, 0.0
+        for _ in range(n_steps):
+            venv.step(rng.integers(0, venv.action_space.n, n_envs))
+        seconds.append(reward.seconds)
+        calls.append(reward.calls)
+    return {"seconds": float(np.mean(seconds[1:])), "calls": float(np.mean(calls[1:])),
+            "episodes": n_envs * n_steps / SENTIMENT_JOB["max_new_tokens"]}
+
+
+TABLES = ["rollout", "update", "iteration", "threads", "dialogue", "rewards"]
 MODELS = ["tiny", "smollm2", "smollm2-chat"]
 
 
@@ -327,7 +371,8 @@ def run_case(args: argparse.Namespace, case: list, threads: int | None = None) -
 def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     kind, *params = json.loads(args.case)
-    cases = {"rollout": case_rollout, "update": case_update, "iteration": case_iteration, "dialogue": case_dialogue}
+    cases = {"rollout": case_rollout, "update": case_update, "iteration": case_iteration, "dialogue": case_dialogue,
+             "rewards": case_rewards}
     result = cases[kind](*params)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
@@ -402,6 +447,19 @@ def dialogue_table(args: argparse.Namespace) -> None:
                   f"{r['ratio']:.2f} | {r['peak_rss_mib']:.0f} |", flush=True)
 
 
+def rewards_table(args: argparse.Namespace) -> None:
+    print("\nReward scoring: reward-model seconds per PPO iteration (32 steps per env, 16-token episodes), "
+          "per-env calls vs BatchedRewards\n")
+    print("| envs | episodes per iteration | per env: calls | per env: seconds | batched: calls | batched: seconds "
+          "| speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for n_envs in args.reward_envs:
+        single, batched = (run_case(args, ["rewards", n_envs, b]) for b in (False, True))
+        print(f"| {n_envs} | {single['episodes']:.0f} | {single['calls']:.0f} | {single['seconds']:.3f} | "
+              f"{batched['calls']:.0f} | {batched['seconds']:.3f} | {single['seconds'] / batched['seconds']:.1f}x |",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
@@ -412,6 +470,7 @@ def main() -> None:
     parser.add_argument("--tables", nargs="+", default=TABLES, choices=TABLES,
                         help="which tables; 'threads' re-runs the last model's first rollout and update case with 1 and 2 threads")
     parser.add_argument("--turns", type=int, default=4, help="replies per multi-turn episode (dialogue table)")
+    parser.add_argument("--reward-envs", type=int, nargs="+", default=[8, 32], help="env counts of the rewards table")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -432,6 +491,8 @@ def main() -> None:
         threads_table(args, results)
     if "dialogue" in args.tables:
         dialogue_table(args)
+    if "rewards" in args.tables:
+        rewards_table(args)
 
 
 if __name__ == "__main__":

@@ -202,6 +202,7 @@ class TextGenEnv(gym.Env):
         self._prompt_tokens: list[int] = []
         self._generated: list[int] = []
         self._done = True
+        self._provided_score: dict[str, float] | None = None  # see provide_score
 
     @property
     def eos_token_id(self) -> int | None:
@@ -242,6 +243,7 @@ class TextGenEnv(gym.Env):
             self._prompt, self._prompt_tokens = self.prompts[index], list(self._prompt_ids[index])
         self._generated = []
         self._done = False
+        self._provided_score = None
         # Built once per episode; every step's info starts from a shallow copy of it.
         self._episode_info = {"prompt": chat.prompt_text(self._prompt)}
         if self.chat_template:
@@ -257,17 +259,21 @@ class TextGenEnv(gym.Env):
         :raises RuntimeError: the episode already ended (call ``reset()``).
         """
         token = check_token_action(action, self.action_space.n, self._done)
+        if self._provided_score is not None and not self._ends_episode(token):
+            raise RuntimeError("provide_score() was called for a text this step does not finish; "
+                               "pass the action given to text_to_score()")
         self._generated.append(token)
-        terminated = token in self.stop_token_ids or len(self._generated) >= self.max_new_tokens
+        terminated = self._ends_episode(token, appended=True)
         observation = self.observation_space.encode(self._prompt_tokens, self._generated)
         info = dict(self._episode_info)
         reward = 0.0
         if terminated:
             self._done = True
             completion = self.completion()
-            components = reward_components(self.reward_fn([info["prompt"]], [completion]), 1)
-            reward = float(components["score"][0])
-            info.update(completion=completion, reward_components={k: float(v[0]) for k, v in components.items()})
+            scores = self._provided_score or {k: float(v[0]) for k, v in
+                                              reward_components(self.reward_fn([info["prompt"]], [completion]), 1).items()}
+            reward = scores["score"]
+            info.update(completion=completion, reward_components=scores)
             if self.render_mode == "human":
                 print(f"{self._text()}  [reward {reward:+.3f}]", flush=True)
         return observation, reward, terminated, False, info
@@ -303,9 +309,38 @@ class TextGenEnv(gym.Env):
         self._prompt, self._prompt_tokens, self._generated = state["prompt"], state["prompt_tokens"], state["generated"]
         self._done, self._episode_info = bool(state["done"]), state["episode_info"]
 
-    def completion(self) -> str:
-        """The generated text so far, without the stop token and other special tokens."""
-        tokens = self._generated
+    def _ends_episode(self, token: int, appended: bool = False) -> bool:
+        """Whether emitting ``token`` ends the episode (``appended``: it is already in ``_generated``)."""
+        return token in self.stop_token_ids or len(self._generated) + (not appended) >= self.max_new_tokens
+
+    def text_to_score(self, action) -> tuple[str, str] | None:
+        """The ``(prompt, completion)`` that ``step(action)`` would score, or ``None`` when ``action``
+        does not end the episode. For :class:`textgym.vec_env.BatchedRewards`, which scores the
+        texts of many envs in one reward-model call and hands each env its score
+        (:meth:`provide_score`) before stepping it.
+
+        :raises ValueError: ``action`` is not a token id of the action space.
+        :raises RuntimeError: the episode already ended.
+        """
+        token = check_token_action(action, self.action_space.n, self._done)
+        if not self._ends_episode(token):
+            return None
+        return self._episode_info["prompt"], self.completion(self._generated + [token])
+
+    def provide_score(self, components: dict[str, float]) -> None:
+        """The reward components (``{"score": float, ...}``) of the text the next ``step`` finishes,
+        computed by the caller (:class:`textgym.vec_env.BatchedRewards`): that step returns them
+        instead of calling the reward model. Used once; cleared at ``reset``.
+
+        :raises ValueError: ``components`` has no ``"score"``.
+        """
+        if "score" not in components:
+            raise ValueError(f"provide_score needs a 'score' component, got {sorted(components)}")
+        self._provided_score = {name: float(value) for name, value in components.items()}
+
+    def completion(self, tokens: Sequence[int] | None = None) -> str:
+        """The generated text so far (or of ``tokens``), without the stop token and other special tokens."""
+        tokens = self._generated if tokens is None else list(tokens)
         if tokens and tokens[-1] in self.stop_token_ids:
             tokens = tokens[:-1]
         if self.chat_template:  # a reply is a turn of its own, not a continuation of the prompt text

@@ -1,4 +1,9 @@
-"""Groups of envs that draw the same prompts, for group-relative advantages (RLOO, GRPO)."""
+"""SB3 ``VecEnv`` wrappers for text envs.
+
+- :class:`GroupedPrompts`: groups of envs that draw the same prompts, for group-relative
+  advantages (RLOO, GRPO).
+- :class:`BatchedRewards`: one reward-model call per step for every episode that ends in it.
+"""
 
 from __future__ import annotations
 
@@ -89,3 +94,69 @@ def _set_row(obs: VecEnvObs, index: int, env_obs) -> None:
             value[index] = env_obs[key]
     else:
         obs[index] = env_obs
+
+
+class BatchedRewards(VecEnvWrapper):
+    """SB3 ``VecEnv`` wrapper: every episode that ends at a step is scored in one reward-model call.
+
+    Without it, each :class:`textgym.TextGenEnv` scores its own text when it ends
+    (``reward_model([prompt], [completion])``): with 8 envs finishing together, 8 calls of one
+    text each. With it, ``step_async`` first asks every env which text its action would finish
+    (:meth:`textgym.TextGenEnv.text_to_score`), calls each distinct reward model once on all of
+    them, hands each env its score (:meth:`~textgym.TextGenEnv.provide_score`), and only then
+    steps the envs. The envs still return the reward at their own step, so ``Monitor``,
+    ``VecMonitor``, the KL callback and every other consumer see the same rewards and infos as
+    without the wrapper; users' own reward callables receive the whole batch. The scores are
+    those of one call per text up to the reward model's batch arithmetic (a transformer reward
+    model pads the batch: float rounding, ~1e-6).
+
+    Works for in-process envs (``DummyVecEnv``, the default of ``make_vec_env``, possibly under
+    other VecEnv wrappers), where all envs built with the same ``reward_model`` share one
+    instance (:func:`textgym.rewards.as_reward_fn`); envs with different reward models are
+    scored one call per model.
+
+    :param venv: vectorised :class:`textgym.TextGenEnv` envs, e.g. ``make_vec_env("TextGen-v0", n_envs=8)``.
+    :raises ValueError: the envs run in subprocesses (``SubprocVecEnv``: scoring there would copy the
+        reward model into this process), or are not text envs with ``text_to_score``
+        (``TextGen-Dialogue-v0`` games score their own turns).
+    """
+
+    def __init__(self, venv: VecEnv):
+        from stable_baselines3.common.vec_env import DummyVecEnv
+
+        if not isinstance(venv.unwrapped, DummyVecEnv):
+            raise ValueError(f"BatchedRewards scores in this process: it needs DummyVecEnv envs, got "
+                             f"{type(venv.unwrapped).__name__}; use make_vec_env(..., vec_env_cls=DummyVecEnv)")
+        if not venv.has_attr("text_to_score"):
+            raise ValueError("BatchedRewards needs text envs that score a finished text (TextGen-v0 and its tasks), "
+                             "with text_to_score/provide_score")
+        super().__init__(venv)
+        self._by_model: dict[int, tuple[object, list[int]]] = {}
+        for i, fn in enumerate(venv.get_attr("reward_fn")):
+            self._by_model.setdefault(id(fn), (fn, []))[1].append(i)
+        self.reward_calls = 0  # reward-model calls so far (a count for tests and benchmarks)
+
+    def step_async(self, actions: np.ndarray) -> None:
+        """Score the texts these actions finish (one call per reward model), then step the envs."""
+        from textgym.rewards import reward_components
+
+        texts = {i: self.venv.env_method("text_to_score", actions[i], indices=[i])[0] for i in range(self.num_envs)}
+        for reward_fn, indices in self._by_model.values():
+            ending = [i for i in indices if texts[i] is not None]
+            if not ending:
+                continue
+            prompts, completions = zip(*(texts[i] for i in ending))
+            components = reward_components(reward_fn(list(prompts), list(completions)), len(ending))
+            self.reward_calls += 1
+            for k, i in enumerate(ending):
+                self.venv.env_method("provide_score", {name: float(v[k]) for name, v in components.items()},
+                                     indices=[i])
+        self.venv.step_async(actions)
+
+    def step_wait(self) -> VecEnvStepReturn:
+        """The inner VecEnv's step, unchanged."""
+        return self.venv.step_wait()
+
+    def reset(self) -> VecEnvObs:
+        """The inner VecEnv's reset, unchanged."""
+        return self.venv.reset()
