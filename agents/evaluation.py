@@ -252,6 +252,15 @@ def samples_text(results: dict[str, TextEvaluation], n_samples: int = 3) -> str:
     return "\n".join(lines)
 
 
+def _reference_copy(policy):
+    """A fresh policy of the pretrained LM with ``policy``'s constructor arguments; an NLPO policy's
+    without its nucleus (``top_p=1``), so that every algorithm is compared with the same reference."""
+    params = policy._get_constructor_parameters()
+    if "top_p" in params:
+        params["top_p"] = 1.0
+    return type(policy)(**params)
+
+
 def _as_policy(model):
     return getattr(model, "policy", model)
 
@@ -281,7 +290,7 @@ def evaluate_against_reference(
     The reference is, in this order: ``reference`` if given; for a policy with LoRA adapters, the
     same policy with adapters disabled (no second model); otherwise a fresh copy of the policy
     built from its constructor parameters, i.e. the pretrained LM (one more LM in memory while
-    this runs). The reference row's KL is exactly 0 and its perplexity is that of the reference's
+    this runs), without NLPO's nucleus for a :class:`agents.MaskableTransformerPolicy`. The reference row's KL is exactly 0 and its perplexity is that of the reference's
     own samples.
 
     With ``seed`` both runs reseed ``env`` (``VecEnv.seed``) so they draw the same prompts; token
@@ -327,7 +336,7 @@ def evaluate_against_reference(
         reference_scope = lambda: adapters_disabled(policy)  # noqa: E731
         sample_reference = reference_scope
     else:
-        ref_policy = type(policy)(**policy._get_constructor_parameters()).to(device)
+        ref_policy = _reference_copy(policy).to(device)
         reference_scope = lambda: contextlib.nullcontext(ref_policy.lm)  # noqa: E731
         sample_reference = contextlib.nullcontext
     ref_policy.set_training_mode(False)

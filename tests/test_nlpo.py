@@ -393,3 +393,12 @@ def test_save_and_load_keep_the_nlpo_settings_and_mask_with_the_loaded_weights(t
     assert (policy.top_p, policy.target_update_iterations) == (0.7, 3)
     assert all(torch.equal(m, p) for m, p in zip(policy.masking_lm.parameters(), model.policy.lm.parameters()))
     assert not any(key.startswith("masking") for key in policy.state_dict())
+
+
+def test_held_out_reference_of_an_nlpo_policy_is_the_plain_pretrained_policy():
+    from agents.evaluation import _reference_copy
+
+    policy = make_nlpo(n_envs=2).policy
+    reference = _reference_copy(policy)
+    assert policy.masking_lm is not None and reference.masking_lm is None and reference.top_p == 1.0
+    assert torch.equal(reference.lm.get_output_embeddings().weight, policy.lm.get_output_embeddings().weight)
