@@ -8,6 +8,8 @@ Variants (``--variants``):
 - ``ppo``: today's default, PPO with a critic and GAE (:func:`agents.text_ppo_kwargs`);
 - ``rloo``, ``grpo``: critic-free PPO with group-relative advantages, 2 groups of 4 envs sharing
   prompts (:func:`agents.group_ppo_kwargs`, :class:`textgym.vec_env.GroupedPrompts`);
+- ``nlpo``: NLPO (Ramamurthy et al. 2023) on sb3-contrib's ``MaskablePPO``: top-p 0.9 of a masking
+  policy refreshed every 20 rollouts (:func:`agents.nlpo_kwargs`, :class:`agents.NLPOCallback`);
 - ``a2c``: SB3's A2C (one gradient step per rollout, Adam, the same buffer and value head);
 - ``trpo``: sb3-contrib's TRPO (slow on a CPU: each step differentiates the KL twice through the LM).
 
@@ -22,7 +24,7 @@ perplexity under it (``--eval-episodes`` per policy). Critic variants also recor
 ``train/explained_variance`` per update. Results go to ``--out`` as one JSON per run (a run
 whose JSON exists is not repeated, so an interrupted comparison resumes)::
 
-    python benchmarks/compare_algorithms.py                        # ppo rloo grpo a2c, seeds 0 1: ~90 min on 2 cores
+    python benchmarks/compare_algorithms.py                        # ppo rloo grpo nlpo a2c, seeds 0 1: ~100 min on 2 cores
     python benchmarks/compare_algorithms.py --variants ppo grpo --seeds 0 --timesteps 1536
 """
 
@@ -36,23 +38,26 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = ("ppo", "rloo", "grpo", "a2c", "trpo")
+VARIANTS = ("ppo", "rloo", "grpo", "nlpo", "a2c", "trpo")
 GROUP_SIZE = 4
 
 
 def build_model(variant: str, args: argparse.Namespace, seed: int):
     """The algorithm of ``variant`` on the main job's training envs."""
-    from sb3_contrib import TRPO
+    from sb3_contrib import TRPO, MaskablePPO
     from stable_baselines3 import A2C, PPO
     from stable_baselines3.common.env_util import make_vec_env
 
-    from agents import EpisodeRolloutBuffer, TransformerPolicy, group_ppo_kwargs, text_ppo_kwargs
+    from agents import (EpisodeRolloutBuffer, MaskableTransformerPolicy, TransformerPolicy, group_ppo_kwargs, nlpo_kwargs,
+                        text_ppo_kwargs)
     from textgym.vec_env import GroupedPrompts
 
     env = make_vec_env("TextGen-v0", n_envs=args.n_envs, seed=seed, env_kwargs=dict(max_new_tokens=args.max_new_tokens))
     common = dict(learning_rate=args.learning_rate, n_steps=args.n_steps)
     if variant == "ppo":
         return PPO(TransformerPolicy, env, seed=seed, **text_ppo_kwargs(**common))
+    if variant == "nlpo":
+        return MaskablePPO(MaskableTransformerPolicy, env, seed=seed, **nlpo_kwargs(**common))
     if variant in ("rloo", "grpo"):
         return PPO(TransformerPolicy, GroupedPrompts(env, GROUP_SIZE), seed=seed, **group_ppo_kwargs(variant, **common))
     text = dict(gamma=1.0, rollout_buffer_class=EpisodeRolloutBuffer, policy_kwargs=dict(value_learning_rate=1e-4))
@@ -73,7 +78,7 @@ def worker(args: argparse.Namespace) -> dict:
     from stable_baselines3.common.evaluation import evaluate_policy
 
     import textgym  # noqa: F401  (registers TextGen-v0)
-    from agents import AdaptiveKLController, KLPenaltyCallback, evaluate_against_reference
+    from agents import AdaptiveKLController, KLPenaltyCallback, NLPOCallback, evaluate_against_reference
     from agents.evaluation import CachedSampler
 
     class Clock(BaseCallback):
@@ -104,6 +109,8 @@ def worker(args: argparse.Namespace) -> dict:
     model = build_model(args.variant, args, seed)
     kl = KLPenaltyCallback(AdaptiveKLController(args.kl_coef, target=args.kl_target))
     clock = Clock()
+    callbacks = [kl, clock] + ([NLPOCallback()] if args.variant == "nlpo" else [])
+    learn_kwargs = dict(use_masking=False) if args.variant == "nlpo" else {}  # TextGen-v0 has no action_masks()
     held_out = make_vec_env("TextGen-v0", n_envs=args.n_envs,
                             env_kwargs=dict(max_new_tokens=args.max_new_tokens, prompts="movie_reviews:test"))
 
@@ -120,7 +127,7 @@ def worker(args: argparse.Namespace) -> dict:
     chunk = args.timesteps // args.curve_points
     for _ in range(args.curve_points):
         start = time.perf_counter()
-        model.learn(chunk, reset_num_timesteps=False, callback=[kl, clock])
+        model.learn(chunk, reset_num_timesteps=False, callback=callbacks, **learn_kwargs)
         train_seconds += time.perf_counter() - start
         clock._record_explained_variance()
         curve.append(dict(seconds=train_seconds, **curve_point()))
@@ -222,7 +229,7 @@ def run_one(args: argparse.Namespace, variant: str, seed: int, path: Path) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=["ppo", "rloo", "grpo", "a2c"], choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=["ppo", "rloo", "grpo", "nlpo", "a2c"], choices=VARIANTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--timesteps", type=int, default=6144)
     parser.add_argument("--n-envs", type=int, default=8)
