@@ -253,7 +253,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [run_one(args, v, s, out / f"{v}_seed{s}.json") for v in args.variants for s in args.seeds]
+    runs = [run_one(args, v, s, out / f"{v}_seed{s}.json") for s in args.seeds for v in args.variants]
     print(markdown(summary_rows(runs)))
     plot(runs, out / "reward_vs_wall_time.png")
     print(f"\nplot: {out / 'reward_vs_wall_time.png'}")
