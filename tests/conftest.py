@@ -37,3 +37,15 @@ def tiny_env_kwargs(tiny_lm) -> dict:
 def make_tiny_env(tiny_env_kwargs):
     """Factory for TextGen-v0 on the tiny LM; keyword arguments override :func:`tiny_env_kwargs`."""
     return lambda **kwargs: gym.make("TextGen-v0", **{**tiny_env_kwargs, **kwargs})
+
+
+def mean_reward(model, n_steps: int = 64) -> float:
+    """Mean return of the episodes that end within ``n_steps`` steps of ``model.predict`` on ``model.env``
+    (reset first); 0 if none ends."""
+    env, total, episodes = model.env, 0.0, 0
+    obs = env.reset()
+    for _ in range(n_steps):
+        action, _ = model.predict(obs)
+        obs, reward, done, _ = env.step(action)
+        total, episodes = total + float(reward[done].sum()), episodes + int(done.sum())
+    return total / max(episodes, 1)

@@ -18,6 +18,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from agents import EpisodeRolloutBuffer, KLPenaltyCallback, TransformerPolicy, text_ppo_kwargs
 from agents.nlpo import (NUCLEUS_CANDIDATES, MaskableEpisodeRolloutBuffer, MaskableTransformerPolicy, NLPOCallback,
                          nlpo_kwargs, nucleus_mask)
+from tests.conftest import mean_reward
 from textgym.spaces import TokenWindowSpace
 from textgym.tasks.synthetic import TASKS
 
@@ -39,16 +40,6 @@ def make_nlpo(n_envs: int = 8, n_steps: int = 32, wrapper_class=None, **override
     env = make_vec_env(KEYWORD.gym_id, n_envs=n_envs, seed=0, wrapper_class=wrapper_class)
     kwargs = {**KEYWORD.ppo_kwargs, "n_steps": n_steps, **overrides}
     return MaskablePPO(MaskableTransformerPolicy, env, seed=0, **nlpo_kwargs(**kwargs))
-
-
-def mean_reward(model: MaskablePPO, n_steps: int = 64) -> float:
-    env, total, episodes = model.env, 0.0, 0
-    obs = env.reset()
-    for _ in range(n_steps):
-        action, _ = model.predict(obs)
-        obs, reward, done, _ = env.step(action)
-        total, episodes = total + float(reward[done].sum()), episodes + int(done.sum())
-    return total / max(episodes, 1)
 
 
 def record_rollout_and_update(model: MaskablePPO) -> tuple[list, list]:

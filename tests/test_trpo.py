@@ -12,6 +12,7 @@ from stable_baselines3.common.env_util import make_vec_env
 
 import agents.policy as policy_module
 from agents import EpisodeRolloutBuffer, TransformerPolicy
+from tests.conftest import mean_reward
 from textgym.tasks.synthetic import TASKS
 
 KEYWORD = TASKS["keyword"]
@@ -21,16 +22,6 @@ def make_trpo(n_envs: int = 8, **policy_kwargs) -> TRPO:
     env = make_vec_env(KEYWORD.gym_id, n_envs=n_envs, seed=0)
     return TRPO(TransformerPolicy, env, seed=0, n_steps=32, batch_size=64, gamma=1.0, target_kl=0.05,
                 learning_rate=1e-3, rollout_buffer_class=EpisodeRolloutBuffer, policy_kwargs=policy_kwargs)
-
-
-def mean_reward(model: TRPO, n_steps: int = 64) -> float:
-    env, total, episodes = model.env, 0.0, 0
-    obs = env.reset()
-    for _ in range(n_steps):
-        action, _ = model.predict(obs)
-        obs, reward, done, _ = env.step(action)
-        total, episodes = total + float(reward[done].sum()), episodes + int(done.sum())
-    return total / max(episodes, 1)
 
 
 def test_trpo_learns_the_keyword_task():
