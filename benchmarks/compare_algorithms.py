@@ -20,7 +20,8 @@ ends, before the final evaluation) is its own. Training runs in ``--curve-points
 chunks, the policy samples ``--curve-episodes`` held-out episodes (test split, same prompts at
 every point, KV-cached sampling) for the reward-against-wall-time curve. At the end
 :func:`agents.evaluate_against_reference` gives the held-out reward gain, KL to the reference and
-perplexity under it (``--eval-episodes`` per policy). Critic variants also record SB3's
+perplexity under it (``--eval-episodes`` per policy; the reference's figures are pooled over all
+runs, see :func:`summary_rows`). Critic variants also record SB3's
 ``train/explained_variance`` per update. Results go to ``--out`` as one JSON per run (a run
 whose JSON exists is not repeated, so an interrupted comparison resumes)::
 
@@ -151,22 +152,28 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def summary_rows(runs: list[dict]) -> list[dict]:
-    """Per variant, over seeds: gain ± s.e. (per seed ``sqrt(se_t^2 + se_r^2)``, then the s.e. of their mean)."""
+    """Per variant, over seeds: the held-out gain ± s.e. and the other figures.
+
+    Every run also samples the reference (the same pretrained policy on the same held-out prompts),
+    so the reference's mean is pooled over all runs: the gain of a variant is its mean trained
+    reward over seeds less that pooled mean, and its s.e. combines the two means' s.e.
+    """
     import numpy as np
 
+    ref_means = np.array([r["reference_reward"] for r in runs])
+    ref_sem = float(np.sqrt(np.sum(np.square([r["reference_sem"] for r in runs]))) / len(runs))
     rows = []
     for variant in dict.fromkeys(r["variant"] for r in runs):
         group = [r for r in runs if r["variant"] == variant]
-        gains = [r["trained_reward"] - r["reference_reward"] for r in group]
-        sems = [np.hypot(r["trained_sem"], r["reference_sem"]) for r in group]
+        trained = float(np.mean([r["trained_reward"] for r in group]))
+        trained_sem = float(np.sqrt(np.sum(np.square([r["trained_sem"] for r in group]))) / len(group))
         ev = [v for r in group for _, v in r["explained_variance"][-4:]]
         rows.append(dict(
-            variant=variant, seeds=len(group), gain=float(np.mean(gains)),
-            gain_sem=float(np.sqrt(np.sum(np.square(sems))) / len(group)),
-            trained=float(np.mean([r["trained_reward"] for r in group])),
+            variant=variant, seeds=len(group), gain=trained - float(ref_means.mean()),
+            gain_sem=float(np.hypot(trained_sem, ref_sem)), trained=trained,
             kl=float(np.mean([r["kl"] for r in group])),
             perplexity=float(np.mean([r["perplexity"] for r in group])),
-            reference_perplexity=float(np.mean([r["reference_perplexity"] for r in group])),
+            reference_perplexity=float(np.mean([r["reference_perplexity"] for r in runs])),
             train=float(np.mean([r["train_seconds"] for r in group])),
             rollout=float(np.mean([r["rollout_seconds"] for r in group])),
             update=float(np.mean([r["update_seconds"] for r in group])),
