@@ -179,6 +179,7 @@ def summary_rows(runs: list[dict]) -> list[dict]:
             update=float(np.mean([r["update_seconds"] for r in group])),
             rss=float(max(r["peak_rss_mib"] for r in group)),
             explained_variance=float(np.mean(ev)) if ev else None,
+            curve=[float(np.mean([r["curve"][i]["mean"] for r in group])) for i in range(len(group[0]["curve"]))],
         ))
     return rows
 
@@ -187,13 +188,14 @@ def markdown(rows: list[dict]) -> str:
     """The comparison table (markdown)."""
     lines = ["| variant | seeds | held-out reward gain (± s.e.) | trained reward | KL to reference (nats/episode) "
              "| perplexity under reference (reference's own) | train wall time (s): rollout / update | peak RSS (MiB) "
-             "| explained variance (last 4 updates) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| explained variance (last 4 updates) | curve: held-out reward at each evaluation |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ev = "-" if r["explained_variance"] is None else f"{r['explained_variance']:.2f}"
         lines.append(f"| {r['variant']} | {r['seeds']} | {r['gain']:+.3f} ± {r['gain_sem']:.3f} | {r['trained']:+.3f} "
                      f"| {r['kl']:.2f} | {r['perplexity']:.1f} ({r['reference_perplexity']:.1f}) "
-                     f"| {r['train']:.0f}: {r['rollout']:.0f} / {r['update']:.0f} | {r['rss']:,.0f} | {ev} |")
+                     f"| {r['train']:.0f}: {r['rollout']:.0f} / {r['update']:.0f} | {r['rss']:,.0f} | {ev} "
+                     f"| {' → '.join(f'{m:+.2f}' for m in r['curve'])} |")
     return "\n".join(lines)
 
 
