@@ -56,7 +56,8 @@ def build_model(variant: str, args: argparse.Namespace, seed: int):
     env = make_vec_env("TextGen-v0", n_envs=args.n_envs, seed=seed, env_kwargs=dict(max_new_tokens=args.max_new_tokens))
     common = dict(learning_rate=args.learning_rate, n_steps=args.n_steps)
     if variant == "ppo":
-        return PPO(TransformerPolicy, env, seed=seed, **text_ppo_kwargs(**common))
+        return PPO(TransformerPolicy, env, seed=seed,
+                   **text_ppo_kwargs(**common, policy_kwargs=dict(value_learning_rate=args.value_learning_rate)))
     if variant == "nlpo":
         return MaskablePPO(MaskableTransformerPolicy, env, seed=seed, **nlpo_kwargs(**common))
     if variant in ("rloo", "grpo"):
@@ -245,6 +246,8 @@ def main() -> None:
     parser.add_argument("--n-steps", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-5)
+    parser.add_argument("--value-learning-rate", type=float, default=1e-4,
+                        help="ppo variant: the value head's learning rate (text_ppo_kwargs' default 1e-4)")
     parser.add_argument("--kl-coef", type=float, default=0.05)
     parser.add_argument("--kl-target", type=float, default=4.0)
     parser.add_argument("--curve-points", type=int, default=2, help="evaluations during training (after each chunk)")
