@@ -203,6 +203,19 @@ def case_update(model: str, n_envs: int, max_new_tokens: int, batch_size: int = 
                 speedup=grouped / per_transition)
 
 
+def timed(clock: dict, name: str, fn, calls: dict | None = None):
+    """``fn`` wrapped so that each call adds its seconds to ``clock[name]`` (and 1 to ``calls[name]``)."""
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            clock[name] += time.perf_counter() - start
+            if calls is not None:
+                calls[name] += 1
+    return wrapper
+
+
 def case_iteration(n_envs: int, iterations: int, env_id: str = "TextGen-v0",
                    env_kwargs: dict | None = None, policy_kwargs: dict | None = None) -> dict:
     """Table 3: seconds per PPO iteration of a job (default: the sentiment defaults), split by component;
@@ -217,23 +230,15 @@ def case_iteration(n_envs: int, iterations: int, env_id: str = "TextGen-v0",
     ppo = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(policy_kwargs=policy_kwargs))
     clock = {"reward model": 0.0, "reference model": 0.0, "update": 0.0, "collect": 0.0}
 
-    def timed(name, fn):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            result = fn(*args, **kwargs)
-            clock[name] += time.perf_counter() - start
-            return result
-        return wrapper
-
     for e in env.envs:
         if hasattr(e.unwrapped, "reward_fn"):
-            e.unwrapped.reward_fn = timed("reward model", e.unwrapped.reward_fn)
+            e.unwrapped.reward_fn = timed(clock, "reward model", e.unwrapped.reward_fn)
         else:  # a dialogue: the game scores the replies
-            e.unwrapped.game.respond = timed("reward model", e.unwrapped.game.respond)
+            e.unwrapped.game.respond = timed(clock, "reward model", e.unwrapped.game.respond)
     kl = KLPenaltyCallback(AdaptiveKLController(0.05, target=4.0))
-    kl._on_rollout_end = timed("reference model", kl._on_rollout_end)
-    ppo.collect_rollouts = timed("collect", ppo.collect_rollouts)
-    ppo.train = timed("update", ppo.train)
+    kl._on_rollout_end = timed(clock, "reference model", kl._on_rollout_end)
+    ppo.collect_rollouts = timed(clock, "collect", ppo.collect_rollouts)
+    ppo.train = timed(clock, "update", ppo.train)
     per_iteration = ppo.n_steps * n_envs
     ppo.learn(per_iteration, callback=kl)  # warm-up iteration (and the reference model's loading)
     for key in clock:
@@ -320,20 +325,6 @@ def case_dialogue(model: str, n_envs: int, reply_tokens: int, turns: int) -> dic
     return result
 
 
-class TimedReward:
-    """A reward callable that counts its calls and the seconds spent in them."""
-
-    def __init__(self, reward_fn):
-        self.reward_fn, self.calls, self.seconds = reward_fn, 0, 0.0
-
-    def __call__(self, prompts, completions):
-        start = time.perf_counter()
-        try:
-            return self.reward_fn(prompts, completions)
-        finally:
-            self.calls, self.seconds = self.calls + 1, self.seconds + time.perf_counter() - start
-
-
 def case_rewards(n_envs: int, batched: bool, iterations: int = 3, n_steps: int = 32) -> dict:
     """Reward-model seconds and calls per iteration of ``n_steps`` random steps per env."""
     from stable_baselines3.common.env_util import make_vec_env
@@ -341,19 +332,20 @@ def case_rewards(n_envs: int, batched: bool, iterations: int = 3, n_steps: int =
     from textgym.rewards import default_reward_model
     from textgym.vec_env import BatchedRewards
 
-    reward = TimedReward(default_reward_model())
+    clock, calls = {"reward": 0.0}, {"reward": 0}
+    reward = timed(clock, "reward", default_reward_model(), calls)  # one callable shared by all envs
     venv = make_vec_env("TextGen-v0", n_envs=n_envs, seed=0, env_kwargs={**SENTIMENT_JOB, "reward_model": reward})
     venv = BatchedRewards(venv) if batched else venv
     rng = np.random.default_rng(0)
     venv.reset()
-    seconds, calls = [], []
+    seconds, counts = [], []
     for _ in range(iterations + 1):
-        reward.calls, reward.seconds = 0, 0.0
+        clock["reward"], calls["reward"] = 0.0, 0
         for _ in range(n_steps):
             venv.step(rng.integers(0, venv.action_space.n, n_envs))
-        seconds.append(reward.seconds)
-        calls.append(reward.calls)
-    return {"seconds": float(np.mean(seconds[1:])), "calls": float(np.mean(calls[1:])),
+        seconds.append(clock["reward"])
+        counts.append(calls["reward"])
+    return {"seconds": float(np.mean(seconds[1:])), "calls": float(np.mean(counts[1:])),
             "episodes": n_envs * n_steps / SENTIMENT_JOB["max_new_tokens"]}
 
 
