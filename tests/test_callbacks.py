@@ -73,17 +73,24 @@ def test_rolling_checkpoints_keep_the_last_k(tiny_env_kwargs, tmp_path):
         assert torch.equal(loaded.policy.state_dict()[name], value), name
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_inference_only_checkpoint_has_no_optimizer_and_reloads_the_policy(tiny_env_kwargs, tmp_path, lora):
+def train_with_one_checkpoint(env_kwargs, save_path, lora: bool, **checkpoint_kwargs):
+    """32 PPO steps on 2 tiny envs (LoRA on ``c_attn`` if ``lora``) with a ``RollingCheckpointCallback``
+    saving every 8 steps and keeping the last; returns ``(env, model, Snapshot of the last step)``."""
     from agents import RollingCheckpointCallback
 
     policy_kwargs = dict(lora_config=dict(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)) if lora else {}
-    env = make_vec_env("TextGen-v0", n_envs=2, seed=0, env_kwargs=tiny_env_kwargs)
+    env = make_vec_env("TextGen-v0", n_envs=2, seed=0, env_kwargs=env_kwargs)
     model = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=8, batch_size=16, n_epochs=1, learning_rate=1e-2,
                                                                    policy_kwargs=policy_kwargs))
-    callback = RollingCheckpointCallback(save_freq=8, save_path=str(tmp_path / "ckpt"), keep_last=1, inference_only=True)
+    callback = RollingCheckpointCallback(save_freq=8, save_path=str(save_path), keep_last=1, **checkpoint_kwargs)
     snapshot = Snapshot()
     model.learn(32, callback=[callback, snapshot])
+    return env, model, snapshot
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_inference_only_checkpoint_has_no_optimizer_and_reloads_the_policy(tiny_env_kwargs, tmp_path, lora):
+    env, model, snapshot = train_with_one_checkpoint(tiny_env_kwargs, tmp_path / "ckpt", lora, inference_only=True)
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["rl_model_policy_32_steps.pth"]
     model.save(tmp_path / "full.zip")
     assert (tmp_path / "ckpt" / "rl_model_policy_32_steps.pth").stat().st_size < (tmp_path / "full.zip").stat().st_size
@@ -101,13 +108,7 @@ def test_inference_only_checkpoint_has_no_optimizer_and_reloads_the_policy(tiny_
 def test_adapters_only_checkpoints_are_small_folders_that_reload_the_policy(tiny_env_kwargs, tmp_path):
     from agents import RollingCheckpointCallback, load_adapters
 
-    lora = dict(lora_config=dict(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True))
-    env = make_vec_env("TextGen-v0", n_envs=2, seed=0, env_kwargs=tiny_env_kwargs)
-    model = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=8, batch_size=16, n_epochs=1, learning_rate=1e-2,
-                                                                   policy_kwargs=lora))
-    callback = RollingCheckpointCallback(save_freq=8, save_path=str(tmp_path / "ckpt"), keep_last=1, adapters_only=True)
-    snapshot = Snapshot()
-    model.learn(32, callback=[callback, snapshot])
+    env, model, snapshot = train_with_one_checkpoint(tiny_env_kwargs, tmp_path / "ckpt", lora=True, adapters_only=True)
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["rl_model_adapters_32_steps"]  # older folders pruned
     policy = load_adapters(tmp_path / "ckpt" / "rl_model_adapters_32_steps")
     model.policy.load_state_dict(snapshot.state)  # the weights at the save (a rollout step, before the last update)
