@@ -163,6 +163,24 @@ class RolloutKVCache:
         self.features(ids, th.ones(1, 2, dtype=th.long, device=device))
         self.clear()
 
+    def keep_rows(self, rows: th.Tensor) -> None:
+        """Keep only ``rows`` of the cache, in that order: the next call's batch is those rows.
+
+        For a caller that stops stepping some envs (held-out sampling drops the envs whose
+        episode ended until a new wave starts, as batched ``generate`` drops nothing but pads):
+        the kept rows continue incrementally instead of the batch-size change clearing the cache.
+
+        :param rows: ``(K,)`` int64 indices into the last call's batch; ``K = 0`` empties the cache.
+        """
+        if self._prev is None:
+            return
+        rows = rows.to(device=self._prev[0].device, dtype=th.long)
+        self._prev = (self._prev[0][rows], self._prev[1][rows])
+        self.mask = self.mask[rows]
+        self.layers = [(key[rows], value[rows]) for key, value in self.layers]
+        if len(rows):
+            self._drop_padding_columns()
+
     @property
     def width(self) -> int:
         """Cached columns ``S`` (0 when empty); never more than the longest row's real tokens."""
@@ -252,6 +270,10 @@ class RolloutKVCache:
                       for j in (0, 1))
                 for i in range(len(parts[0][1]))
             ]
+        self._drop_padding_columns()
+
+    def _drop_padding_columns(self) -> None:
+        """Drop the leading columns that are padding in every row (rows are right-aligned)."""
         keep = int(self.mask.sum(-1).max())
         if keep < self.mask.shape[-1]:
             self.mask = self.mask[:, -keep:]

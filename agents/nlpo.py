@@ -260,6 +260,12 @@ class MaskableTransformerPolicy(TransformerPolicy):
         if self.masking_cache is not None:
             self.masking_cache.clear()
 
+    def keep_rollout_rows(self, rows: th.Tensor) -> None:
+        """The parent's row selection, applied to the masking LM's rollout KV cache as well."""
+        super().keep_rollout_rows(rows)
+        if self.masking_cache is not None:
+            self.masking_cache.keep_rows(rows)
+
     def _refresh_after_load(self, module, incompatible_keys) -> None:
         # load_state_dict (SB3's MaskablePPO.load / set_parameters) changed the policy: the masking
         # copy is not saved, so it becomes the loaded policy.

@@ -320,6 +320,14 @@ class TransformerPolicy(ActorCriticPolicy):
         self.lm.eval()
         self.rollout_cache.clear()
 
+    def keep_rollout_rows(self, rows: th.Tensor) -> None:
+        """Keep only ``rows`` of the rollout KV cache, in that order: the next no-grad ``forward``
+        gets the observations of those envs only (:meth:`agents.kv_cache.RolloutKVCache.keep_rows`).
+
+        :param rows: ``(K,)`` int64 indices into the last ``forward``'s batch.
+        """
+        self.rollout_cache.keep_rows(rows)
+
     def forward(self, obs: PyTorchObs, deterministic: bool = False) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         """Sample actions with their values and log-probs, as SB3's ``collect_rollouts`` calls it.
 

@@ -65,6 +65,34 @@ def test_cached_features_equal_a_full_forward_across_staggered_episodes(tiny_env
     assert mixed_steps >= 10  # both paths (one-token steps and re-encoded rows) in one call, often
 
 
+def test_kept_rows_continue_incrementally_and_exactly(tiny_env_kwargs, monkeypatch):
+    """After ``keep_rows``, the kept rows (reordered) take one-token steps that equal a full forward."""
+    model = make_ppo({**tiny_env_kwargs, "max_new_tokens": 6}, n_envs=4)
+    policy, cache = model.policy, model.policy.rollout_cache
+    policy.set_training_mode(False)
+    # Every row continues; from the second step on, rows with the same prompt differ.
+    walk = list(random_walk(model.env, steps=4, eos_probability=0.0))
+    with torch.no_grad():
+        cache.features(walk[1]["input_ids"], walk[1]["attention_mask"])
+    encoded = []
+    real_encode = RolloutKVCache._encode
+    monkeypatch.setattr(RolloutKVCache, "_encode", lambda self, rows, *a: encoded.append(len(rows)) or
+                        real_encode(self, rows, *a))
+    # Envs 3, 0, 2 of the four continue; then env 3 alone (row 0 of those three).
+    for kept, envs, obs in ((torch.tensor([3, 0, 2]), torch.tensor([3, 0, 2]), walk[2]),
+                            (torch.tensor([0]), torch.tensor([3]), walk[3])):
+        cache.keep_rows(kept)
+        obs = {k: v[envs] for k, v in obs.items()}
+        with torch.no_grad():
+            torch.testing.assert_close(cache.features(obs["input_ids"], obs["attention_mask"]),
+                                       policy.extract_features(obs), rtol=0, atol=1e-5)
+    assert encoded == [] and cache.width == int(walk[3]["attention_mask"][3].sum())
+    cache.keep_rows(torch.tensor([], dtype=torch.long))
+    with torch.no_grad():
+        cache.features(walk[3]["input_ids"], walk[3]["attention_mask"])
+    assert encoded == [4]  # an emptied cache re-encodes the next batch, in one call
+
+
 class RolloutCheck(BaseCallback):
     """After every rollout, recompute the stored values and log-probs without the cache.
 
