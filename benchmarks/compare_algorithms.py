@@ -18,7 +18,8 @@ ends, before the final evaluation) is its own. Training runs in ``--curve-points
 ``model.learn(..., reset_num_timesteps=False)``; only those calls are timed (split into rollout,
 ``collect_rollouts``, and update: the KL reference pass plus the algorithm's ``train``). Between
 chunks, the policy samples ``--curve-episodes`` held-out episodes (test split, same prompts at
-every point, KV-cached sampling) for the reward-against-wall-time curve. At the end
+every point, KV-cached sampling in waves, :func:`agents.evaluation.sample_episodes`) for the
+reward-against-wall-time curve. At the end
 :func:`agents.evaluate_against_reference` gives the held-out reward gain, KL to the reference and
 perplexity under it (``--eval-episodes`` per policy; the reference's figures are pooled over all
 runs, see :func:`summary_rows`). Critic variants also record SB3's
@@ -77,11 +78,10 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
-    from stable_baselines3.common.evaluation import evaluate_policy
 
     import textgym  # noqa: F401  (registers TextGen-v0)
     from agents import AdaptiveKLController, KLPenaltyCallback, NLPOCallback, evaluate_against_reference
-    from agents.evaluation import CachedSampler
+    from agents.evaluation import sample_episodes
 
     class Clock(BaseCallback):
         """Seconds spent in rollouts, and SB3's explained variance of each update."""
@@ -119,8 +119,7 @@ def worker(args: argparse.Namespace) -> dict:
     def curve_point() -> dict:
         held_out.seed(20_000 + seed)
         torch.manual_seed(20_000 + seed)
-        rewards, _ = evaluate_policy(CachedSampler(model.policy), held_out, n_eval_episodes=args.curve_episodes,
-                                     return_episode_rewards=True)
+        rewards = [e["reward"] for e in sample_episodes(model.policy, held_out, args.curve_episodes)]
         return dict(steps=int(model.num_timesteps), mean=float(np.mean(rewards)),
                     sem=float(np.std(rewards, ddof=1) / np.sqrt(len(rewards))))
 

@@ -168,3 +168,73 @@ def test_cached_evaluation_of_the_reference_itself_gives_zero_kl(tiny_env_kwargs
     assert results["trained"].n_episodes == results["reference"].n_episodes == 6
     assert [e.kl for e in results["trained"].episodes] == [0.0] * 6
     assert sorted(e.prompt for e in results["reference"].episodes) == sorted(e.prompt for e in results["trained"].episodes)
+
+
+def staggered(env_kwargs) -> dict:
+    """Tiny TextGen arguments whose greedy episodes end at different steps: half the words stop a generation."""
+    from textgym.env import load_tokenizer
+
+    vocab = len(load_tokenizer(env_kwargs["model_name_or_path"]))
+    return {**env_kwargs, "max_new_tokens": 6, "eos_token_id": list(range(2, vocab, 2))}
+
+
+def test_waves_draw_the_episodes_of_evaluate_policy(tiny_env_kwargs):
+    """Greedy decoding: the KV-cached waves give exactly the episodes of SB3's evaluate_policy + predict
+    (same prompts per env, same tokens, same rewards), with 7 episodes split unevenly over 3 envs."""
+    from agents.evaluation import _wave_envs, sample_episodes
+
+    model = make_model(staggered(tiny_env_kwargs))
+    model.learn(32)
+    env = make_vec_env("TextGen-v0", n_envs=3, seed=4, env_kwargs=staggered(tiny_env_kwargs))
+    assert _wave_envs(env) is not None  # the waves, not the evaluate_policy fallback
+    runs = {}
+    for kv_cache in (True, False):
+        env.seed(3)
+        runs[kv_cache] = sample_episodes(model.policy, env, 7, deterministic=True, kv_cache=kv_cache)
+
+    def key(episode):
+        return episode["prompt"], tuple(episode["actions"]), episode["reward"]
+
+    assert len(runs[True]) == 7 and sorted(map(key, runs[True])) == sorted(map(key, runs[False]))
+    assert len({len(e["actions"]) for e in runs[True]}) > 1  # episodes ended at different steps
+    assert len({e["prompt"] for e in runs[True]}) > 1
+
+
+def test_waves_sample_from_the_uncached_policy(tiny_env_kwargs, monkeypatch):
+    """Sampling in waves: each drawn token's log-prob equals SB3's own uncached per-observation forward,
+    and the prompts are encoded once per wave, in one batch."""
+    from agents.evaluation import sample_episodes
+    from agents.kv_cache import RolloutKVCache
+
+    model = make_model(staggered(tiny_env_kwargs))
+    model.learn(32)
+    policy = model.policy
+    encoded = []
+    real_encode = RolloutKVCache._encode
+    monkeypatch.setattr(RolloutKVCache, "_encode", lambda self, rows, *a: encoded.append(len(rows)) or
+                        real_encode(self, rows, *a))
+    episodes = sample_episodes(policy, make_vec_env("TextGen-v0", n_envs=3, seed=4,
+                                                    env_kwargs=staggered(tiny_env_kwargs)), 12)
+    assert len({len(e["actions"]) for e in episodes}) > 1
+    assert encoded == [3, 3, 3, 3]  # 4 waves of 3 episodes; between them, rows only took cached steps
+    batch = {k: torch.as_tensor(np.stack([o[k] for e in episodes for o in e["obs"]])) for k in ("input_ids", "attention_mask")}
+    actions = torch.as_tensor([a for e in episodes for a in e["actions"]])
+    policy.share_prefix_forward = False
+    with torch.no_grad():
+        _, expected, _ = policy.evaluate_actions(batch, actions)
+    torch.testing.assert_close(torch.as_tensor(np.concatenate([e["log_probs"] for e in episodes])), expected,
+                               rtol=0, atol=1e-5)
+
+
+def test_waves_leave_reward_changing_vec_env_wrappers_to_evaluate_policy(tiny_env_kwargs):
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    from agents.evaluation import _wave_envs, sample_episodes
+    from textgym.vec_env import BatchedRewards, GroupedPrompts
+
+    env = make_vec_env("TextGen-v0", n_envs=2, seed=4, env_kwargs=tiny_env_kwargs)
+    assert _wave_envs(GroupedPrompts(BatchedRewards(env), 2)) == env.envs
+    normalized = VecNormalize(env, norm_obs=False, gamma=1.0)
+    assert _wave_envs(normalized) is None
+    episodes = sample_episodes(make_model(tiny_env_kwargs).policy, normalized, 3)
+    assert len(episodes) == 3 and "log_probs" not in episodes[0]

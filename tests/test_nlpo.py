@@ -16,6 +16,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 
 from agents import EpisodeRolloutBuffer, KLPenaltyCallback, TransformerPolicy, text_ppo_kwargs
+from agents.kv_cache import RolloutKVCache
 from agents.nlpo import (NUCLEUS_CANDIDATES, MaskableEpisodeRolloutBuffer, MaskableTransformerPolicy, NLPOCallback,
                          nlpo_kwargs, nucleus_mask)
 from tests.conftest import mean_reward
@@ -393,3 +394,31 @@ def test_held_out_reference_of_an_nlpo_policy_is_the_plain_pretrained_policy():
     reference = _reference_copy(policy)
     assert policy.masking_lm is not None and reference.masking_lm is None and reference.top_p == 1.0
     assert torch.equal(reference.lm.get_output_embeddings().weight, policy.lm.get_output_embeddings().weight)
+
+
+def test_held_out_waves_sample_from_the_uncached_masked_policy(monkeypatch):
+    """KV-cached evaluation in waves keeps the masking LM's cache on the same rows as the policy's:
+    every sampled token lies in the uncached nucleus, and its log-prob is the uncached masked one."""
+    from agents.evaluation import sample_episodes
+
+    model = make_nlpo(n_envs=3, policy_kwargs=dict(top_p=0.5))
+    model.learn(64, callback=NLPOCallback(), use_masking=False)
+    policy = model.policy
+    with torch.no_grad():  # the policy moves away from its masking copy: the nucleus is the copy's own
+        policy.lm.get_output_embeddings().weight.mul_(1.5)
+    encoded = Counter()
+    real_encode = RolloutKVCache._encode
+    monkeypatch.setattr(RolloutKVCache, "_encode", lambda self, *a: encoded.update([self.lm]) or real_encode(self, *a))
+    torch.manual_seed(0)
+    episodes = sample_episodes(policy, make_vec_env(KEYWORD.gym_id, n_envs=3, seed=1), 9)
+    assert len({len(e["actions"]) for e in episodes}) > 1  # staggered ends: rows left the batch
+    # One batched encoding per wave of 3 episodes in each LM: the kept rows continued in both caches.
+    assert encoded == {policy.lm: 3, policy.masking_lm: 3}
+    obs = {k: torch.as_tensor(np.stack([o[k] for e in episodes for o in e["obs"]])) for k in ("input_ids", "attention_mask")}
+    actions = torch.as_tensor([a for e in episodes for a in e["actions"]])
+    with torch.no_grad():
+        masks = policy.allowed_tokens(obs)
+        expected = policy.get_distribution(obs).log_prob(actions)
+    assert masks.gather(1, actions[:, None]).all() and not masks.all()
+    torch.testing.assert_close(torch.as_tensor(np.concatenate([e["log_probs"] for e in episodes])), expected,
+                               rtol=0, atol=1e-5)
