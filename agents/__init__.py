@@ -7,10 +7,11 @@
 - :class:`KLPenaltyCallback`: per-token KL penalty to a frozen reference model (fixed or adaptive).
 - :class:`MaskableTransformerPolicy`, :class:`MaskableEpisodeRolloutBuffer`, :class:`NLPOCallback`,
   :func:`nlpo_kwargs`: NLPO (PPO within a learned top-p mask) on sb3-contrib's ``MaskablePPO``.
+- :class:`TransformerTRPO`: sb3-contrib's ``TRPO`` with its actor gradients in one backward pass.
 - :func:`adapters_disabled`, :func:`merged_lm`, :func:`save_adapters`, :func:`load_adapters`: LoRA adapters
   (``policy_kwargs=dict(lora_config=...)``); adapters-only checkpoints.
 - :func:`save_training_state`, :func:`load_training_state`: exact resume (what ``model.save`` does not keep).
-- :func:`evaluate_against_reference`: held-out reward, KL, perplexity and diversity, trained vs reference.
+- :func:`evaluate_against_reference`, :func:`sample_episodes`: held-out reward, KL, perplexity and diversity, trained vs reference.
 - :class:`SampleTextCallback`: sampled prompts, completions and rewards in TensorBoard and on the console.
 - :class:`RollingCheckpointCallback`: the last K checkpoints; without optimizer state, adapters only, or resumable.
 - :func:`export_pretrained`: a Hugging Face model directory (LM, tokenizer, value head, model card).
@@ -24,13 +25,14 @@ from agents.buffers import EpisodeRolloutBuffer, GroupRelativeRolloutBuffer
 from agents.callbacks import RollingCheckpointCallback, SampleTextCallback
 from agents.defaults import TEXT_PPO_DEFAULTS, group_ppo_kwargs, text_ppo_kwargs
 from agents.extractor import CausalLMExtractor, load_causal_lm
-from agents.evaluation import TextEvaluation, evaluate_against_reference
+from agents.evaluation import TextEvaluation, evaluate_against_reference, sample_episodes
 from agents.export import export_pretrained
 from agents.kl import AdaptiveKLController, FixedKLController, KLPenaltyCallback
 from agents.lora import adapters_disabled, load_adapters, merged_lm, save_adapters
 from agents.nlpo import MaskableEpisodeRolloutBuffer, MaskableTransformerPolicy, NLPOCallback, nlpo_kwargs
 from agents.policy import TransformerPolicy
 from agents.resume import load_training_state, save_training_state
+from agents.trpo import TransformerTRPO
 
 __all__ = [
     "TEXT_PPO_DEFAULTS",
@@ -46,6 +48,7 @@ __all__ = [
     "EpisodeRolloutBuffer",
     "GroupRelativeRolloutBuffer",
     "TransformerPolicy",
+    "TransformerTRPO",
     "TextEvaluation",
     "adapters_disabled",
     "evaluate_against_reference",
@@ -56,6 +59,7 @@ __all__ = [
     "load_training_state",
     "merged_lm",
     "nlpo_kwargs",
+    "sample_episodes",
     "save_adapters",
     "save_training_state",
     "text_ppo_kwargs",

@@ -482,4 +482,4 @@ def _write_tensorboard(log, tag: str, step: int, table: str, samples: str) -> No
 
 
 __all__ = ["EpisodeSample", "TextEvaluation", "distinct_n", "evaluate_against_reference",
-           "markdown_table", "samples_text"]
+           "markdown_table", "sample_episodes", "samples_text"]

@@ -11,7 +11,9 @@ Variants (``--variants``):
 - ``nlpo``: NLPO (Ramamurthy et al. 2023) on sb3-contrib's ``MaskablePPO``: top-p 0.9 of a masking
   policy refreshed every 20 rollouts (:func:`agents.nlpo_kwargs`, :class:`agents.NLPOCallback`);
 - ``a2c``: SB3's A2C (one gradient step per rollout, Adam, the same buffer and value head);
-- ``trpo``: sb3-contrib's TRPO (slow on a CPU: each step differentiates the KL twice through the LM).
+- ``trpo``: sb3-contrib's TRPO as :class:`agents.trpo.TransformerTRPO` (actor gradients in one
+  backward pass), 5 conjugate-gradient steps and 4 critic epochs: each Hessian-vector product
+  differentiates the KL twice through the LM.
 
 Each (variant, seed) runs in a fresh subprocess, so peak RSS (``ru_maxrss``, taken when training
 ends, before the final evaluation) is its own. Training runs in ``--curve-points`` chunks of
@@ -46,12 +48,13 @@ GROUP_SIZE = 4
 
 def build_model(variant: str, args: argparse.Namespace, seed: int):
     """The algorithm of ``variant`` on the main job's training envs."""
-    from sb3_contrib import TRPO, MaskablePPO
+    from sb3_contrib import MaskablePPO
     from stable_baselines3 import A2C, PPO
     from stable_baselines3.common.env_util import make_vec_env
 
     from agents import (EpisodeRolloutBuffer, MaskableTransformerPolicy, TransformerPolicy, group_ppo_kwargs, nlpo_kwargs,
                         text_ppo_kwargs)
+    from agents.trpo import TransformerTRPO
     from textgym.vec_env import GroupedPrompts
 
     env = make_vec_env("TextGen-v0", n_envs=args.n_envs, seed=seed, env_kwargs=dict(max_new_tokens=args.max_new_tokens))
@@ -68,7 +71,10 @@ def build_model(variant: str, args: argparse.Namespace, seed: int):
         return A2C(TransformerPolicy, env, seed=seed, gae_lambda=0.95, vf_coef=0.1, ent_coef=0.0, max_grad_norm=1.0,
                    use_rms_prop=False, **common, **text)
     if variant == "trpo":
-        return TRPO(TransformerPolicy, env, seed=seed, batch_size=128, target_kl=0.05, **common, **text)
+        # 5 conjugate-gradient steps (sb3-contrib: 15) and 4 critic epochs (10; PPO's n_epochs is 4):
+        # each Hessian-vector product differentiates twice through all 135M weights.
+        return TransformerTRPO(TransformerPolicy, env, seed=seed, batch_size=128, target_kl=0.05, cg_max_steps=5,
+                               n_critic_updates=4, **common, **text)
     raise ValueError(f"unknown variant {variant!r}: use one of {VARIANTS}")
 
 

@@ -71,3 +71,28 @@ def test_grouped_distribution_and_values_equal_per_observation():
     for got, expected in zip(results[True], results[False]):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     assert np.isfinite(results[True][0].numpy()).all()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_transformer_trpo_takes_upstreams_actor_gradients_in_one_backward_pass(lora, monkeypatch):
+    """TransformerTRPO's one-call gradients equal sb3-contrib's per-parameter ones, entry for entry."""
+    from agents.trpo import TransformerTRPO
+
+    lora_kwargs = dict(lora_config=dict(r=4, lora_alpha=8, target_modules=["c_attn"])) if lora else {}
+    model = TransformerTRPO(TransformerPolicy, make_vec_env(KEYWORD.gym_id, n_envs=2, seed=0), seed=0, n_steps=8,
+                            batch_size=16, gamma=1.0, rollout_buffer_class=EpisodeRolloutBuffer, policy_kwargs=lora_kwargs)
+    calls = []
+    ours, upstream = TransformerTRPO._compute_actor_grad, TRPO._compute_actor_grad
+
+    def both(self, kl_div, policy_objective):
+        theirs = upstream(self, kl_div, policy_objective)
+        calls.append((ours(self, kl_div, policy_objective), theirs))
+        return theirs
+
+    monkeypatch.setattr(TransformerTRPO, "_compute_actor_grad", both)
+    model.learn(16)
+    (mine, theirs), = calls
+    assert len(mine[0]) == len(theirs[0]) > 3 and all(p is q for p, q in zip(mine[0], theirs[0]))
+    torch.testing.assert_close(mine[1], theirs[1], rtol=0, atol=0)
+    torch.testing.assert_close(mine[2], theirs[2], rtol=0, atol=0)
+    assert mine[3] == theirs[3]
