@@ -195,7 +195,8 @@ class MaskableTransformerPolicy(TransformerPolicy):
         self.min_tokens_to_keep = int(min_tokens_to_keep)
         self.stop_token_ids = None if stop_token_ids is None else [int(i) for i in stop_token_ids]
         self.rollout_count = 0
-        """Rollouts started through :meth:`start_rollout` since construction (not saved)."""
+        """Rollouts started through :meth:`start_rollout` since construction (not in the zip; exact resume
+        keeps it, :func:`agents.save_training_state`)."""
         self.masking_refreshes: list[int] = []
         """The values of :attr:`rollout_count` at which :meth:`start_rollout` refreshed the masking LM."""
         self.last_action_masks: th.Tensor | None = None

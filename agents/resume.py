@@ -19,7 +19,12 @@ the continued run differ from one that was never interrupted:
   conversation and return);
 - the ``Monitor`` wrapper's episode in progress and totals, ``TimeLimit``'s step count;
 - the observation the next rollout starts from (``model._last_obs``: ``PPO.load`` drops it, so
-  ``learn`` would reset every env and cut the episodes in progress).
+  ``learn`` would reset every env and cut the episodes in progress);
+- with RLOO/GRPO, the returns :class:`agents.GroupRelativeRolloutBuffer` carries into the next
+  rollout for the episodes still running; with NLPO, the policy's rollout count (which rollouts
+  refresh the masking LM) and the masking LM as last refreshed (``MaskablePPO.load`` makes it the
+  loaded policy): its weights not shared with the policy, so 4 bytes per weight under full
+  fine-tuning (538 MB for SmolLM2-135M) and only the adapters' under LoRA.
 
 :func:`save_training_state` writes these to one file; :func:`load_training_state` puts them back into
 the model ``PPO.load`` returned and into its fresh envs::
@@ -112,6 +117,7 @@ def save_training_state(model: Any, path: str | os.PathLike) -> Path:
         "last_episode_starts": copy.deepcopy(model._last_episode_starts),
         "master_weights": [master.detach().cpu().clone() for master in _separate_masters(model.policy)],
         "envs": [_env_state(env, i) for i, env in enumerate(venv.envs)],
+        "algorithm": _algorithm_state(model),
     }
     try:
         data = cloudpickle.dumps(state)
@@ -151,6 +157,7 @@ def load_training_state(model: Any, path: str | os.PathLike) -> None:
     for index, (env, saved) in enumerate(zip(venv.envs, state["envs"])):
         _check_same_env(env, saved, index)
     _set_masters(model.policy, state["master_weights"], path)
+    _set_algorithm_state(model, state.get("algorithm", {}), path)
     model.get_env().reset()
     for env, saved in zip(venv.envs, state["envs"]):
         _restore_env(env, saved)
@@ -218,6 +225,51 @@ def _set_masters(policy: Any, saved: list[th.Tensor], path: Any) -> None:
                          "(of other shapes): load it into a policy of the saved run's dtype and model")
     for master, value in zip(masters, saved):
         master.copy_(value)
+
+
+def _algorithm_state(model: Any) -> dict[str, Any]:
+    """What textgym's algorithm extensions keep between iterations outside SB3's zip: the returns a
+    :class:`agents.GroupRelativeRolloutBuffer` carries into the next rollout for its unfinished
+    episodes, and an NLPO policy's rollout count, refresh record and masking LM (the weights it
+    does not share with the policy: all of them under full fine-tuning, the adapters under LoRA)."""
+    state: dict[str, Any] = {}
+    carry = getattr(getattr(model, "rollout_buffer", None), "_carry_out", None)
+    if carry is not None:
+        state["group_carry"] = carry.copy()
+    policy = model.policy
+    if hasattr(policy, "rollout_count"):
+        own = {} if policy.masking_lm is None else _unshared_tensors(policy.masking_lm, policy.lm)
+        state["nlpo"] = dict(rollout_count=policy.rollout_count, masking_refreshes=list(policy.masking_refreshes),
+                             masking_lm={name: tensor.detach().cpu().clone() for name, tensor in own.items()})
+    return state
+
+
+def _unshared_tensors(copy_lm: th.nn.Module, lm: th.nn.Module) -> dict[str, th.Tensor]:
+    """The tensors of ``copy_lm``'s state dict that are not ``lm``'s own (by identity)."""
+    originals = lm.state_dict(keep_vars=True)
+    return {name: tensor for name, tensor in copy_lm.state_dict(keep_vars=True).items()
+            if tensor is not originals.get(name)}
+
+
+@th.no_grad()
+def _set_algorithm_state(model: Any, state: dict[str, Any], path: Any) -> None:
+    if "group_carry" in state:
+        buffer = getattr(model, "rollout_buffer", None)
+        if getattr(buffer, "_carry_out", None) is None or buffer._carry_out.shape != state["group_carry"].shape:
+            raise ValueError(f"{path} holds a GroupRelativeRolloutBuffer's carried returns but the model's rollout "
+                             "buffer is not one (or has other envs); load the zip saved together with it")
+        buffer._carry_out = state["group_carry"].copy()
+    if "nlpo" in state:
+        policy, nlpo = model.policy, state["nlpo"]
+        if not hasattr(policy, "rollout_count"):
+            raise ValueError(f"{path} was saved from an NLPO policy but the model's is {type(policy).__name__}")
+        policy.rollout_count, policy.masking_refreshes = nlpo["rollout_count"], list(nlpo["masking_refreshes"])
+        own = {} if policy.masking_lm is None else _unshared_tensors(policy.masking_lm, policy.lm)
+        if set(own) != set(nlpo["masking_lm"]):
+            raise ValueError(f"{path} holds another masking LM ({len(nlpo['masking_lm'])} tensors, this policy's has "
+                             f"{len(own)}); load it into the saved run's policy")
+        for name, tensor in own.items():
+            tensor.copy_(nlpo["masking_lm"][name])
 
 
 def _rng_state() -> dict[str, Any]:

@@ -77,7 +77,8 @@ def assert_same_run(a, b, kl_a, kl_b):
     assert set(state_a) == set(state_b)
     for name, tensor in state_a.items():
         torch.testing.assert_close(state_b[name], tensor, rtol=0, atol=1e-6, msg=name)
-    for name, value in a.policy.value_optimizer.state_dict()["state"].items():
+    for name, value in (a.policy.value_optimizer.state_dict()["state"].items()
+                        if hasattr(a.policy, "value_optimizer") else ()):
         for key, tensor in value.items():
             torch.testing.assert_close(b.policy.value_optimizer.state_dict()["state"][name][key], tensor,
                                        rtol=0, atol=1e-6, msg=f"value optimizer {name} {key}")
@@ -326,3 +327,52 @@ def test_episode_state_round_trip_and_checks(make_tiny_env, chat_lm):
     assert saved["game"] is not dialogue.game and saved["game"].secret == dialogue.game.secret
     with pytest.raises(TypeError, match="DialogueGame"):
         dialogue.set_episode_state({**saved, "game": object()})
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "nlpo"])
+@pytest.mark.parametrize("sabotage", [False, True])
+def test_group_relative_and_nlpo_runs_resume_exactly(algorithm, sabotage, tiny_env_kwargs, tmp_path, monkeypatch):
+    """RLOO keeps the returns of the episodes a rollout cut (with the KL penalties already in them);
+    NLPO keeps its rollout count (refreshes at rollouts 0 and 3, interrupted after 2) and its masking
+    LM as last refreshed. Sabotage: without the algorithm's state the resumed run differs."""
+    from sb3_contrib import MaskablePPO
+
+    from agents import MaskableTransformerPolicy, NLPOCallback, group_ppo_kwargs, nlpo_kwargs
+    from agents import resume as resume_module
+    from textgym.vec_env import GroupedPrompts
+
+    def make_env(seed=0):
+        env = make_vec_env("TextGen-v0", n_envs=N_ENVS, seed=seed, env_kwargs=tiny_env_kwargs)
+        return GroupedPrompts(env, N_ENVS) if algorithm == "rloo" else env
+
+    kwargs = {**PPO_KWARGS, "policy_kwargs": {}}
+    if algorithm == "rloo":
+        algo, make = PPO, lambda: PPO(TransformerPolicy, make_env(), seed=0, **group_ppo_kwargs("rloo", **kwargs))
+        learn_kwargs, callbacks = {}, lambda kl: [kl]
+    else:
+        kwargs["policy_kwargs"] = dict(top_p=0.8, target_update_iterations=3)
+        algo, make = MaskablePPO, lambda: MaskablePPO(MaskableTransformerPolicy, make_env(), seed=0, **nlpo_kwargs(**kwargs))
+        learn_kwargs, callbacks = dict(use_masking=False), lambda kl: [kl, NLPOCallback()]
+    if sabotage:
+        monkeypatch.setattr(resume_module, "_set_algorithm_state", lambda model, state, path: None)
+
+    kl_a = kl_callback()
+    uninterrupted = make()
+    uninterrupted.learn(4 * ROLLOUT, callback=callbacks(kl_a), **learn_kwargs)
+    first_half = make()
+    first_half.learn(2 * ROLLOUT, callback=callbacks(kl_callback()), **learn_kwargs)
+    if algorithm == "rloo":
+        assert first_half.rollout_buffer._carry_out.any()  # the cut episodes carry penalties into rollout 3
+    first_half.save(tmp_path / "run.zip")
+    save_training_state(first_half, tmp_path / "run_state.pkl")
+    resumed = algo.load(tmp_path / "run.zip", env=make_env(seed=123))
+    load_training_state(resumed, tmp_path / "run_state.pkl")
+    kl_b = kl_callback()
+    resumed.learn(2 * ROLLOUT, callback=callbacks(kl_b), reset_num_timesteps=False, **learn_kwargs)
+    if sabotage:
+        with pytest.raises(AssertionError):
+            assert_same_run(uninterrupted, resumed, kl_a, kl_b)
+    else:
+        assert_same_run(uninterrupted, resumed, kl_a, kl_b)
+        if algorithm == "nlpo":
+            assert resumed.policy.masking_refreshes == uninterrupted.policy.masking_refreshes == [0, 3]
