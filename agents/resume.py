@@ -239,8 +239,10 @@ def _algorithm_state(model: Any) -> dict[str, Any]:
     policy = model.policy
     if hasattr(policy, "rollout_count"):
         own = {} if policy.masking_lm is None else _unshared_tensors(policy.masking_lm, policy.lm)
+        clones: dict[int, th.Tensor] = {}  # tied weights (embeddings and head) are pickled once
         state["nlpo"] = dict(rollout_count=policy.rollout_count, masking_refreshes=list(policy.masking_refreshes),
-                             masking_lm={name: tensor.detach().cpu().clone() for name, tensor in own.items()})
+                             masking_lm={name: clones.setdefault(id(tensor), tensor.detach().cpu().clone())
+                                         for name, tensor in own.items()})
     return state
 
 

@@ -52,16 +52,14 @@ def build_model(variant: str, args: argparse.Namespace, seed: int):
     from stable_baselines3 import A2C, PPO
     from stable_baselines3.common.env_util import make_vec_env
 
-    from agents import (EpisodeRolloutBuffer, MaskableTransformerPolicy, TransformerPolicy, group_ppo_kwargs, nlpo_kwargs,
-                        text_ppo_kwargs)
+    from agents import EpisodeRolloutBuffer, MaskableTransformerPolicy, TransformerPolicy, group_ppo_kwargs, nlpo_kwargs
     from agents.trpo import TransformerTRPO
     from textgym.vec_env import GroupedPrompts
 
     env = make_vec_env("TextGen-v0", n_envs=args.n_envs, seed=seed, env_kwargs=dict(max_new_tokens=args.max_new_tokens))
     common = dict(learning_rate=args.learning_rate, n_steps=args.n_steps)
     if variant == "ppo":
-        return PPO(TransformerPolicy, env, seed=seed,
-                   **text_ppo_kwargs(**common, policy_kwargs=dict(value_learning_rate=args.value_learning_rate)))
+        return ppo_with_critic_options(env, args, seed, common)
     if variant == "nlpo":
         return MaskablePPO(MaskableTransformerPolicy, env, seed=seed, **nlpo_kwargs(**common))
     if variant in ("rloo", "grpo"):
@@ -76,6 +74,28 @@ def build_model(variant: str, args: argparse.Namespace, seed: int):
         return TransformerTRPO(TransformerPolicy, env, seed=seed, batch_size=128, target_kl=0.05, cg_max_steps=5,
                                n_critic_updates=4, **common, **text)
     raise ValueError(f"unknown variant {variant!r}: use one of {VARIANTS}")
+
+
+def ppo_with_critic_options(env, args: argparse.Namespace, seed: int, common: dict):
+    """The ppo variant with the critic experiments' options: ``--value-learning-rate``,
+    ``--value-warmup`` (the LM's learning rate is 0 for that many first updates, while the value
+    head learns at its own rate) and ``--normalize-returns`` (SB3's ``VecNormalize`` scales the
+    env's rewards by the running standard deviation of the return, ``gamma=1``)."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    from agents import TransformerPolicy, text_ppo_kwargs
+
+    if args.normalize_returns:
+        env = VecNormalize(env, norm_obs=False, norm_reward=True, gamma=1.0)
+    holder: dict = {}
+    if args.value_warmup:
+        warmup_steps = args.value_warmup * args.n_envs * args.n_steps
+        common = {**common, "learning_rate": lambda _: 0.0 if holder["model"].num_timesteps <= warmup_steps
+                  else args.learning_rate}
+    holder["model"] = PPO(TransformerPolicy, env, seed=seed, **text_ppo_kwargs(
+        **common, policy_kwargs=dict(value_learning_rate=args.value_learning_rate)))
+    return holder["model"]
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -233,8 +253,9 @@ def run_one(args: argparse.Namespace, variant: str, seed: int, path: Path) -> di
     if path.exists():
         return json.loads(path.read_text())
     command = [sys.executable, __file__, "--worker", "--variant", variant, "--seed", str(seed),
-               *(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                 if k not in ("worker", "variant", "seed", "variants", "seeds", "out"))]
+               *(f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}"
+                 for k, v in vars(args).items()
+                 if k not in ("worker", "variant", "seed", "variants", "seeds", "out") and v is not False)]
     print(f"running {variant} seed {seed} ...", flush=True)
     out = subprocess.run(command, check=True, capture_output=True, text=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -253,6 +274,10 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-5)
     parser.add_argument("--value-learning-rate", type=float, default=1e-4,
                         help="ppo variant: the value head's learning rate (text_ppo_kwargs' default 1e-4)")
+    parser.add_argument("--value-warmup", type=int, default=0,
+                        help="ppo variant: updates at the start during which only the value head learns")
+    parser.add_argument("--normalize-returns", action="store_true",
+                        help="ppo variant: VecNormalize(norm_obs=False, norm_reward=True, gamma=1) on the training envs")
     parser.add_argument("--kl-coef", type=float, default=0.05)
     parser.add_argument("--kl-target", type=float, default=4.0)
     parser.add_argument("--curve-points", type=int, default=2, help="evaluations during training (after each chunk)")
