@@ -1,7 +1,7 @@
 """Held-out evaluation of a text policy against its reference model: reward, KL, perplexity, diversity.
 
 This lives in ``agents/`` rather than ``textgym/`` because it needs a policy: it samples through
-the policy's own ``predict`` (SB3's ``evaluate_policy``), scores the samples with the policy's LM
+the policy's own ``predict`` (SB3's ``evaluate_policy``) or its KV-cached rollout path, scores the samples with the policy's LM
 and its reference LM (the LoRA-disabled weights or a freshly loaded pretrained model, as
 :class:`agents.KLPenaltyCallback` uses), and knows :class:`agents.TransformerPolicy`'s LoRA
 switch. ``textgym`` stays the Gymnasium side that knows no policy.
@@ -252,8 +252,8 @@ def _sample_in_waves(policy, env, n_episodes: int, deterministic: bool) -> list[
                 if terminated or truncated:
                     finished.append(_finish_episode(episode, info))
                     remaining[i] -= 1
-                    if remaining[i]:
-                        current[i], _ = envs[i].reset()
+                    # Every time, as DummyVecEnv's auto-reset: the env is left as evaluate_policy leaves it.
+                    current[i], _ = envs[i].reset()
                 else:
                     keep.append(j)
             if len(keep) < len(rows):
@@ -282,8 +282,10 @@ def sample_episodes(policy, env, n_episodes: int, deterministic: bool = False,
     :return: one dict per episode: ``obs`` (the observations, dicts of ``(L,)`` arrays), ``actions``
         (ints), ``reward`` (the return), ``prompt``, ``completion``, ``components`` (reward
         components besides ``score``); in waves also ``log_probs``.
-    :raises ValueError: the env's final ``info`` has no ``completion``.
+    :raises ValueError: ``n_episodes < 1``, or the env's final ``info`` has no ``completion``.
     """
+    if n_episodes < 1:
+        raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
     if kv_cache:
         episodes = _sample_in_waves(policy, env, n_episodes, deterministic)
         if episodes is not None:
@@ -391,9 +393,9 @@ def evaluate_against_reference(
 
     Both are sampled through ``env`` (:func:`sample_episodes`: SB3's ``evaluate_policy`` with
     ``policy.predict``, or with ``kv_cache=True`` the KV-cached rollout path in waves of
-    episodes), so the figures describe exactly the policy the env sees; then each episode is scored with one forward
-    per episode (:func:`agents.kl.reference_log_probs`) under the trained LM and under the reference
-    LM. Definitions of the metrics: see :mod:`agents.evaluation`.
+    episodes), so the figures describe exactly the policy the env sees; then each episode is
+    scored with one forward per episode (:func:`agents.kl.reference_log_probs`) under the trained
+    LM and under the reference LM. Definitions of the metrics: see :mod:`agents.evaluation`.
 
     The reference is, in this order: ``reference`` if given; for a policy with LoRA adapters, the
     same policy with adapters disabled (no second model); otherwise a fresh copy of the policy
