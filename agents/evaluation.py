@@ -1,10 +1,10 @@
 """Held-out evaluation of a text policy against its reference model: reward, KL, perplexity, diversity.
 
 This lives in ``agents/`` rather than ``textgym/`` because it needs a policy: it samples through
-the policy's own ``predict`` (SB3's ``evaluate_policy``) or its KV-cached rollout path, scores the samples with the policy's LM
-and its reference LM (the LoRA-disabled weights or a freshly loaded pretrained model, as
-:class:`agents.KLPenaltyCallback` uses), and knows :class:`agents.TransformerPolicy`'s LoRA
-switch. ``textgym`` stays the Gymnasium side that knows no policy.
+the policy's own ``predict`` (SB3's ``evaluate_policy``) or its KV-cached rollout path, scores the
+samples with the policy's LM and its reference LM (the LoRA-disabled weights or a freshly loaded
+pretrained model, as :class:`agents.KLPenaltyCallback` uses), and knows
+:class:`agents.TransformerPolicy`'s LoRA switch. ``textgym`` stays the Gymnasium side that knows no policy.
 
 Metrics (all over completed episodes on the env's prompts):
 
