@@ -96,3 +96,19 @@ def test_transformer_trpo_takes_upstreams_actor_gradients_in_one_backward_pass(l
     torch.testing.assert_close(mine[1], theirs[1], rtol=0, atol=0)
     torch.testing.assert_close(mine[2], theirs[2], rtol=0, atol=0)
     assert mine[3] == theirs[3]
+
+
+def test_transformer_trpo_and_trpo_read_each_others_zips(tmp_path):
+    from agents.trpo import TransformerTRPO
+
+    model = TransformerTRPO(TransformerPolicy, make_vec_env(KEYWORD.gym_id, n_envs=2, seed=0), seed=0, n_steps=8,
+                            batch_size=16, gamma=1.0, rollout_buffer_class=EpisodeRolloutBuffer)
+    model.learn(16)
+    model.save(tmp_path / "run.zip")
+    for cls in (TRPO, TransformerTRPO):
+        loaded = cls.load(tmp_path / "run.zip", device="cpu")
+        assert loaded.rollout_buffer_class is EpisodeRolloutBuffer and loaded.num_timesteps == 16
+        for name, tensor in model.policy.state_dict().items():
+            assert torch.equal(loaded.policy.state_dict()[name], tensor), name
+    TRPO("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=64).save(tmp_path / "cartpole.zip")
+    assert TransformerTRPO.load(tmp_path / "cartpole.zip").n_steps == 64
