@@ -15,7 +15,8 @@ Metrics (all over completed episodes on the env's prompts):
 - KL to the reference, nats per episode: mean over sampled episodes of
   ``sum_t log pi(a_t|s_t) - log pi_ref(a_t|s_t)``, the Monte-Carlo estimate of
   ``KL(pi || pi_ref)`` per episode whose per-token terms :class:`agents.KLPenaltyCallback` penalises
-  (Ziegler et al. 2019);
+  (Ziegler et al. 2019); ``pi`` is the distribution the policy samples from (an NLPO policy's
+  nucleus mask included);
 - perplexity of the completions under the reference: ``exp(-sum log pi_ref(a_t|s_t) / n_tokens)``
   over all generated tokens of all episodes (EOS included when it was sampled);
 - distinct-1 / distinct-2 (Li et al. 2016, "A Diversity-Promoting Objective Function for Neural
@@ -293,29 +294,43 @@ def sample_episodes(policy, env, n_episodes: int, deterministic: bool = False,
     return _sample_episodes(CachedSampler(policy) if kv_cache else policy, env, n_episodes, deterministic)
 
 
-def _log_probs(scope, episodes: Sequence[dict[str, Any]], device, chunk: int = 32,
-               logit_mask: th.Tensor | None = None) -> list[np.ndarray]:
-    """Per-episode log-probs of the sampled actions under the LM that ``scope()`` yields (renormalised
-    over the tokens ``logit_mask`` allows, as the policy samples)."""
+def _lm_log_probs(scope, logit_mask: th.Tensor | None = None):
+    """``log_prob(obs, actions)`` under the LM that ``scope()`` yields, renormalised over the tokens
+    ``logit_mask`` allows (as the policy samples); one forward per episode."""
+    def log_prob(obs: dict[str, th.Tensor], actions: th.Tensor) -> th.Tensor:
+        with scope() as lm:
+            return reference_log_probs(lm, obs["input_ids"], obs["attention_mask"], actions, logit_mask=logit_mask)
+    return log_prob
+
+
+def _sampling_log_probs(policy):
+    """``log_prob(obs, actions)`` under the distribution ``policy`` samples from
+    (``policy.get_distribution``): an NLPO policy's nucleus mask included."""
+    def log_prob(obs: dict[str, th.Tensor], actions: th.Tensor) -> th.Tensor:
+        with th.no_grad():
+            return policy.get_distribution(obs).log_prob(actions)
+    return log_prob
+
+
+def _log_probs(log_prob, episodes: Sequence[dict[str, Any]], device, chunk: int = 32) -> list[np.ndarray]:
+    """Per-episode log-probs of the sampled actions under ``log_prob`` (:func:`_lm_log_probs`,
+    :func:`_sampling_log_probs`), ``chunk`` episodes per call."""
     out = []
     for lo in range(0, len(episodes), chunk):
         part = episodes[lo:lo + chunk]
         obs = {key: th.as_tensor(np.stack([o[key] for e in part for o in e["obs"]]), device=device)
                for key in ("input_ids", "attention_mask")}
         actions = th.as_tensor([a for e in part for a in e["actions"]], device=device)
-        with scope() as lm:
-            values = reference_log_probs(lm, obs["input_ids"], obs["attention_mask"], actions,
-                                         logit_mask=logit_mask).cpu().numpy()
+        values = log_prob(obs, actions).cpu().numpy()
         out.extend(np.split(values, np.cumsum([len(e["actions"]) for e in part])[:-1]))
     return out
 
 
-def _score(name: str, episodes: list[dict[str, Any]], policy_scope, reference_scope, device,
-           logit_mask: th.Tensor | None = None) -> TextEvaluation:
+def _score(name: str, episodes: list[dict[str, Any]], log_prob, reference_log_prob, device) -> TextEvaluation:
     if not episodes:
         raise ValueError("no episode finished")
-    log_probs = _log_probs(policy_scope, episodes, device, logit_mask=logit_mask)
-    ref_log_probs = log_probs if policy_scope is reference_scope else _log_probs(reference_scope, episodes, device)
+    log_probs = _log_probs(log_prob, episodes, device)
+    ref_log_probs = log_probs if log_prob is reference_log_prob else _log_probs(reference_log_prob, episodes, device)
     samples = [EpisodeSample(e["prompt"], e["completion"], e["reward"], e["actions"], lp, rlp, e["components"])
                for e, lp, rlp in zip(episodes, log_probs, ref_log_probs)]
     rewards = np.array([s.reward for s in samples])
@@ -460,9 +475,12 @@ def evaluate_against_reference(
         env.seed(seed)
     episodes = sample_episodes(policy, env, n_episodes, deterministic, kv_cache)
 
-    results = {"reference": _score("reference", ref_episodes, reference_scope, reference_scope, device),
-               "trained": _score("trained", episodes, trained_scope, reference_scope, device,
-                                 getattr(policy, "logit_mask", None))}
+    reference_log_prob = _lm_log_probs(reference_scope)
+    # An NLPO policy samples from a nucleus its LM alone does not know: score what it samples from.
+    trained_log_prob = (_sampling_log_probs(policy) if getattr(policy, "masking_lm", None) is not None
+                        else _lm_log_probs(trained_scope, getattr(policy, "logit_mask", None)))
+    results = {"reference": _score("reference", ref_episodes, reference_log_prob, reference_log_prob, device),
+               "trained": _score("trained", episodes, trained_log_prob, reference_log_prob, device)}
     table, samples = markdown_table(results), samples_text(results, n_samples)
     if verbose:
         print(f"\n{table}\n\n{samples}")

@@ -422,3 +422,34 @@ def test_held_out_waves_sample_from_the_uncached_masked_policy(monkeypatch):
     assert masks.gather(1, actions[:, None]).all() and not masks.all()
     torch.testing.assert_close(torch.as_tensor(np.concatenate([e["log_probs"] for e in episodes])), expected,
                                rtol=0, atol=1e-5)
+
+
+def test_held_out_kl_of_an_nlpo_policy_scores_the_nucleus_it_samples_from(monkeypatch):
+    """The trained row's log-probs are those of the masked distribution the tokens were drawn from
+    (equal to the ones recorded while sampling, through the KV caches), not the bare LM's."""
+    import agents.evaluation as evaluation
+    from agents import evaluate_against_reference
+    from agents.kl import reference_log_probs
+
+    model = make_nlpo(n_envs=2, policy_kwargs=dict(top_p=0.5))
+    model.learn(64, callback=NLPOCallback(), use_masking=False)
+    policy = model.policy
+    with torch.no_grad():  # the policy moves away from its masking copy (and from the reference)
+        policy.lm.get_output_embeddings().weight.mul_(1.5)
+    sampled = []
+    real_sample = evaluation.sample_episodes
+    monkeypatch.setattr(evaluation, "sample_episodes", lambda *a, **k: sampled.append(real_sample(*a, **k)) or sampled[-1])
+    torch.manual_seed(0)
+    results = evaluate_against_reference(model, make_vec_env(KEYWORD.gym_id, n_envs=2, seed=1), n_episodes=6,
+                                         verbose=False, kv_cache=True)
+    trained = results["trained"].episodes
+    torch.testing.assert_close(torch.as_tensor(np.concatenate([s.log_probs for s in trained])),
+                               torch.as_tensor(np.concatenate([e["log_probs"] for e in sampled[1]])), rtol=0, atol=1e-5)
+    bare = []
+    for episode in sampled[1]:
+        ids = torch.as_tensor(np.stack([o["input_ids"] for o in episode["obs"]]))
+        mask = torch.as_tensor(np.stack([o["attention_mask"] for o in episode["obs"]]))
+        with torch.no_grad():
+            bare.append(reference_log_probs(policy.lm, ids, mask, torch.as_tensor(episode["actions"])).numpy())
+    gaps = np.concatenate([s.log_probs for s in trained]) - np.concatenate(bare)
+    assert gaps.min() > -1e-5 and gaps.max() > 0.01  # renormalised over the nucleus: never less likely
