@@ -273,8 +273,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-5)
     parser.add_argument("--value-learning-rate", type=float, default=1e-4,
-                        help="ppo variant: the value head's learning rate (1e-4: the rate the comparison in README "
-                             "was measured with; text_ppo_kwargs' default has been 1e-3 since)")
+                        help="ppo variant: the value head's learning rate (text_ppo_kwargs' default 1e-4)")
     parser.add_argument("--value-warmup", type=int, default=0,
                         help="ppo variant: updates at the start during which only the value head learns")
     parser.add_argument("--normalize-returns", action="store_true",

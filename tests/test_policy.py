@@ -134,7 +134,7 @@ def test_value_head_has_its_own_fixed_learning_rate(tiny_env_kwargs):
 
 def test_text_defaults_merge_policy_kwargs():
     kwargs = text_ppo_kwargs(policy_kwargs=dict(model_name_or_path="x"), gamma=0.5)
-    assert kwargs["policy_kwargs"] == dict(value_learning_rate=1e-3, model_name_or_path="x")
+    assert kwargs["policy_kwargs"] == dict(value_learning_rate=1e-4, model_name_or_path="x")
     assert kwargs["gamma"] == 0.5 and text_ppo_kwargs()["gamma"] == 1.0
     with pytest.raises(TypeError, match="no parameter"):
         text_ppo_kwargs(n_step=3)

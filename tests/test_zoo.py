@@ -118,7 +118,7 @@ def test_text_entry_trains_with_kl_penalty_on_a_tiny_model(tmp_path):
     assert "Using 8 environments" in result.stdout
     assert "kl/" in result.stdout and "penalised_return" in result.stdout
     model = PPO.load(tmp_path / "logs" / "ppo" / "TextGen-v0_1" / "TextGen-v0.zip", device="cpu")
-    assert model.rollout_buffer_class is EpisodeRolloutBuffer and model.policy.value_learning_rate == 1e-3
+    assert model.rollout_buffer_class is EpisodeRolloutBuffer and model.policy.value_learning_rate == 1e-4
 
 
 def test_optimize_workers_share_one_study_with_the_text_sampler(tmp_path):
@@ -138,7 +138,7 @@ def test_optimize_workers_share_one_study_with_the_text_sampler(tmp_path):
     for trial in study.trials:
         assert set(trial.params) == set(TEXT_PPO_SEARCH_SPACE)  # no net_arch / activation_fn
         assert trial.user_attrs["batch_size"] <= trial.params["n_steps"] * 4
-    assert ast.literal_eval(study.user_attrs["policy_kwargs"]) == {"value_learning_rate": 1e-3}
+    assert ast.literal_eval(study.user_attrs["policy_kwargs"]) == {"value_learning_rate": 1e-4}
 
     # --trial-id (not 0: the zoo skips a falsy id) replays a trial's hyperparameters; the zoo reads
     # them before it imports the yaml's callbacks, so agents.zoo must come with --gym-packages.
