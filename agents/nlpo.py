@@ -244,16 +244,22 @@ class MaskableTransformerPolicy(TransformerPolicy):
         self.rollout_count += 1
         return refresh and self.masking_lm is not None
 
+    def masking_lm_own_tensors(self) -> dict[str, th.Tensor]:
+        """The masking LM's parameters and buffers that are not :attr:`lm`'s own (by identity), by
+        name, tied weights once: all of them under full fine-tuning, the adapters under LoRA; ``{}``
+        without a masking LM."""
+        if self.masking_lm is None:
+            return {}
+        shared = {**dict(self.lm.named_parameters()), **dict(self.lm.named_buffers())}
+        own = {**dict(self.masking_lm.named_parameters()), **dict(self.masking_lm.named_buffers())}
+        return {name: tensor for name, tensor in own.items() if tensor is not shared[name]}
+
     @th.no_grad()
     def _copy_into_masking_lm(self) -> None:
         """Copy every tensor the masking LM does not share with :attr:`lm` (in place, any device)."""
-        params, buffers = dict(self.lm.named_parameters()), dict(self.lm.named_buffers())
-        for name, tensor in self.masking_lm.named_parameters():
-            if tensor is not params[name]:
-                tensor.copy_(params[name])
-        for name, tensor in self.masking_lm.named_buffers():
-            if tensor is not buffers[name]:
-                tensor.copy_(buffers[name])
+        sources = {**dict(self.lm.named_parameters()), **dict(self.lm.named_buffers())}
+        for name, tensor in self.masking_lm_own_tensors().items():
+            tensor.copy_(sources[name])
 
     def set_training_mode(self, mode: bool) -> None:
         """The parent's switch; also drops the masking LM's rollout KV cache."""

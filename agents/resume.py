@@ -238,19 +238,10 @@ def _algorithm_state(model: Any) -> dict[str, Any]:
         state["group_carry"] = carry.copy()
     policy = model.policy
     if hasattr(policy, "rollout_count"):
-        own = {} if policy.masking_lm is None else _unshared_tensors(policy.masking_lm, policy.lm)
-        clones: dict[int, th.Tensor] = {}  # tied weights (embeddings and head) are pickled once
         state["nlpo"] = dict(rollout_count=policy.rollout_count, masking_refreshes=list(policy.masking_refreshes),
-                             masking_lm={name: clones.setdefault(id(tensor), tensor.detach().cpu().clone())
-                                         for name, tensor in own.items()})
+                             masking_lm={name: tensor.detach().cpu().clone()
+                                         for name, tensor in policy.masking_lm_own_tensors().items()})
     return state
-
-
-def _unshared_tensors(copy_lm: th.nn.Module, lm: th.nn.Module) -> dict[str, th.Tensor]:
-    """The tensors of ``copy_lm``'s state dict that are not ``lm``'s own (by identity)."""
-    originals = lm.state_dict(keep_vars=True)
-    return {name: tensor for name, tensor in copy_lm.state_dict(keep_vars=True).items()
-            if tensor is not originals.get(name)}
 
 
 @th.no_grad()
@@ -266,7 +257,7 @@ def _set_algorithm_state(model: Any, state: dict[str, Any], path: Any) -> None:
         if not hasattr(policy, "rollout_count"):
             raise ValueError(f"{path} was saved from an NLPO policy but the model's is {type(policy).__name__}")
         policy.rollout_count, policy.masking_refreshes = nlpo["rollout_count"], list(nlpo["masking_refreshes"])
-        own = {} if policy.masking_lm is None else _unshared_tensors(policy.masking_lm, policy.lm)
+        own = policy.masking_lm_own_tensors()
         if set(own) != set(nlpo["masking_lm"]):
             raise ValueError(f"{path} holds another masking LM ({len(nlpo['masking_lm'])} tensors, this policy's has "
                              f"{len(own)}); load it into the saved run's policy")
