@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
-from transformers import AutoModelForCausalLM
 
 from agents import TransformerPolicy, text_ppo_kwargs
 from agents.precision import MasterWeights

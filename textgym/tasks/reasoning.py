@@ -22,7 +22,7 @@ are far apart, and tasks with few distinct questions still lose their held-out o
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
