@@ -91,8 +91,9 @@ def ppo_with_critic_options(env, args: argparse.Namespace, seed: int, common: di
     holder: dict = {}
     if args.value_warmup:
         warmup_steps = args.value_warmup * args.n_envs * args.n_steps
-        common = {**common, "learning_rate": lambda _: 0.0 if holder["model"].num_timesteps <= warmup_steps
-                  else args.learning_rate}
+        # SB3 also calls the schedule while building the policy, before the model exists.
+        common = {**common, "learning_rate": lambda _: 0.0 if "model" not in holder
+                  or holder["model"].num_timesteps <= warmup_steps else args.learning_rate}
     holder["model"] = PPO(TransformerPolicy, env, seed=seed, **text_ppo_kwargs(
         **common, policy_kwargs=dict(value_learning_rate=args.value_learning_rate)))
     return holder["model"]
