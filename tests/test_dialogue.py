@@ -204,7 +204,7 @@ def test_ppo_learns_to_read_the_games_answer(chat_lm):
 
     Measured (seeds 0-3, 16,000 steps, ~15 s each on one thread): win rates 0.985, 0.99, 0.99 and
     0.49 (seed 3 settles on one word); before training 0.045-0.06. Over 16 seeds
-    (``benchmarks/critic_dialogue.py``) 11 runs learn at the default value-head rate and 10 at 1e-3,
+    (``benchmarks/critic_dialogue.py``) 10 runs learn, at the default value-head rate as at 1e-3,
     so a change of seed or of PPO's defaults can flip this test without making PPO worse: check
     such a change over seeds there.
     """
