@@ -250,14 +250,13 @@ class MaskableTransformerPolicy(TransformerPolicy):
         without a masking LM."""
         if self.masking_lm is None:
             return {}
-        shared = {**dict(self.lm.named_parameters()), **dict(self.lm.named_buffers())}
-        own = {**dict(self.masking_lm.named_parameters()), **dict(self.masking_lm.named_buffers())}
-        return {name: tensor for name, tensor in own.items() if tensor is not shared[name]}
+        shared = _named_tensors(self.lm)
+        return {name: tensor for name, tensor in _named_tensors(self.masking_lm).items() if tensor is not shared[name]}
 
     @th.no_grad()
     def _copy_into_masking_lm(self) -> None:
         """Copy every tensor the masking LM does not share with :attr:`lm` (in place, any device)."""
-        sources = {**dict(self.lm.named_parameters()), **dict(self.lm.named_buffers())}
+        sources = _named_tensors(self.lm)
         for name, tensor in self.masking_lm_own_tensors().items():
             tensor.copy_(sources[name])
 
@@ -567,6 +566,11 @@ def nlpo_kwargs(top_p: float = 0.9, target_update_iterations: int = 20, **overri
                      **(overrides.pop("policy_kwargs", None) or {})}
     return text_ppo_kwargs(**{"rollout_buffer_class": MaskableEpisodeRolloutBuffer, **overrides,
                               "policy_kwargs": policy_kwargs})
+
+
+def _named_tensors(module: th.nn.Module) -> dict[str, th.Tensor]:
+    """``module``'s parameters and buffers by name (tied ones once, as ``named_parameters`` gives them)."""
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
 
 
 __all__ = ["MaskableEpisodeRolloutBuffer", "MaskableTransformerPolicy", "NLPOCallback", "nlpo_kwargs",
