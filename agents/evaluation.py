@@ -38,7 +38,7 @@ import numpy as np
 import torch as th
 
 from agents.kl import reference_log_probs
-from agents.lora import adapters_disabled
+from agents.policy.lora import adapters_disabled
 
 
 @dataclass
@@ -136,7 +136,7 @@ class CachedSampler:
     ``policy.predict`` runs a full forward over the whole window at every step (SB3's contract: no
     state between calls). This calls ``policy.forward`` without grad in eval mode instead, which
     is what ``collect_rollouts`` calls: with ``kv_cache`` it decodes one new token per env and
-    step from the per-env KV cache (:class:`agents.kv_cache.RolloutKVCache`), which checks every
+    step from the per-env KV cache (:class:`agents.policy.kv_cache.RolloutKVCache`), which checks every
     row and re-encodes rows that started a new episode. Sampling is from the same distribution:
     the log-prob of each sampled action equals the uncached policy's up to float rounding (tested).
 

@@ -3,7 +3,7 @@
 :func:`export_pretrained` writes what ``transformers`` loads without textgym or SB3:
 
 - the LM (``save_pretrained``; LoRA adapters merged into the weights with
-  :func:`agents.lora.merged_lm`, never peft's renamed layers), so
+  :func:`agents.policy.lora.merged_lm`, never peft's renamed layers), so
   ``AutoModelForCausalLM.from_pretrained(directory)`` gives exactly the policy's next-token
   logits and ``pipeline("text-generation", model=directory)`` works;
 - the tokenizer of the policy's model and a ``generation_config.json`` with its eos/pad ids;
@@ -42,7 +42,7 @@ def export_pretrained(model: Any, directory: str | os.PathLike, *, evaluation: A
     Files written to ``directory`` (created if missing; files of the same names are overwritten):
 
     - ``config.json``, ``model.safetensors``: the policy's LM via ``save_pretrained``. With LoRA the
-      adapters are merged into a copy of the weights (:func:`agents.lora.merged_lm`), so the files
+      adapters are merged into a copy of the weights (:func:`agents.policy.lora.merged_lm`), so the files
       hold the base architecture and the policy keeps its adapters;
     - the tokenizer files of the policy's model (``policy.model_name_or_path``, resolved like the
       env's tokenizer by :func:`textgym.assets.resolve_pretrained`);
@@ -80,7 +80,7 @@ def export_pretrained(model: Any, directory: str | os.PathLike, *, evaluation: A
     """
     from safetensors.torch import save_file
 
-    from agents.lora import merged_lm
+    from agents.policy.lora import merged_lm
 
     policy = _transformer_policy(model)
     evaluations = _evaluations(evaluation)

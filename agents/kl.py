@@ -17,10 +17,10 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 
-from agents.extractor import load_causal_lm
-from agents.lora import adapters_disabled
-from agents.precision import output_logits
-from agents.prefix_sharing import last_token_features
+from agents.policy.extractor import load_causal_lm
+from agents.policy.lora import adapters_disabled
+from agents.policy.precision import output_logits
+from agents.policy.prefix_sharing import last_token_features
 
 
 class FixedKLController:
@@ -90,7 +90,7 @@ def reference_log_probs(reference, input_ids: th.Tensor, attention_mask: th.Tens
     Rows are scored ``chunk_size`` at a time, so memory stays bounded however long the rollout
     (SB3's ``n_steps=2048`` with 8 envs is 16,384 rows: 3.2 GB of float32 logits at once for
     SmolLM2's 49,152-token vocabulary). Within a chunk, rows that extend one another share one
-    forward (:func:`agents.prefix_sharing.last_token_features`); keep an episode's rows next to
+    forward (:func:`agents.policy.prefix_sharing.last_token_features`); keep an episode's rows next to
     each other (env-major order) so that few episodes straddle two chunks, each straddling one
     costing one more forward.
 
@@ -145,7 +145,7 @@ class KLPenaltyCallback(BaseCallback):
     ``model_name_or_path``), frozen and kept in eval mode, so it is the pretrained starting point
     however often ``learn`` is called. A policy with LoRA adapters (``lora_config``) and no
     ``reference_model`` needs no second model: the reference is the policy's own LM with its
-    adapters disabled (:func:`agents.lora.adapters_disabled`), whose weights LoRA never changes;
+    adapters disabled (:func:`agents.policy.lora.adapters_disabled`), whose weights LoRA never changes;
     ``self.reference`` then stays ``None``. After each rollout it logs:
 
     - ``kl/episode_kl``: mean over complete episodes of ``sum_t (log pi - log pi_ref)``, nats;

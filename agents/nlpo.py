@@ -56,10 +56,10 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 
 from agents.buffers import EpisodeRolloutBuffer
 from agents.defaults import text_ppo_kwargs
-from agents.kv_cache import RolloutKVCache
+from agents.policy.kv_cache import RolloutKVCache
 from agents.policy import TransformerPolicy
-from agents.precision import output_logits
-from agents.prefix_sharing import last_token_features
+from agents.policy.precision import output_logits
+from agents.policy.prefix_sharing import last_token_features
 
 NLPO_FIX = ("train NLPO with sb3_contrib.MaskablePPO(MaskableTransformerPolicy, env, **agents.nlpo_kwargs()) "
             "and model.learn(..., callback=agents.NLPOCallback())")
@@ -149,7 +149,7 @@ class MaskableTransformerPolicy(TransformerPolicy):
 
     Every distribution the policy builds is renormalised over that set (masked logits are set to
     -1e8 by sb3-contrib's ``MaskableCategorical``): ``forward`` (the rollout, KV-cached as in the
-    parent; the masking LM keeps its own :class:`agents.kv_cache.RolloutKVCache`),
+    parent; the masking LM keeps its own :class:`agents.policy.kv_cache.RolloutKVCache`),
     ``get_distribution`` and ``predict`` (the masking LM recomputes the nucleus with one forward per
     episode), and ``evaluate_actions``, which with ``top_p < 1`` takes the masks the rollout used
     from :class:`MaskableEpisodeRolloutBuffer` and never recomputes them (see :mod:`agents.nlpo`).

@@ -10,7 +10,7 @@ the continued run differ from one that was never interrupted:
 
 - the random generators: torch's (CPU, and CUDA where present), numpy's global one (SB3's rollout
   buffers shuffle with it) and Python's ``random`` (TextArena seeds it at every game);
-- a low-precision policy's float32 master weights (:class:`agents.precision.MasterWeights`;
+- a low-precision policy's float32 master weights (:class:`agents.policy.precision.MasterWeights`;
   ``PPO.load`` restarts them from the rounded bfloat16 weights). They cost 4 bytes per
   trainable low-precision weight in the file (538 MB for SmolLM2-135M in bfloat16); a float32 or
   LoRA policy has none, and its file holds little more than the observations and env states;

@@ -6,7 +6,7 @@
 Each dtype runs the main job's PPO iteration (``examples/train_sentiment.py``'s settings: 8 envs x
 32 steps, 16 new tokens, ``text_ppo_kwargs()``, KL penalty against a reference in the same dtype)
 in a fresh subprocess (``benchmarks/performance.py``'s iteration case), so peak RSS is its own.
-bfloat16 keeps float32 master weights for the optimizer (:mod:`agents.precision`), so its
+bfloat16 keeps float32 master weights for the optimizer (:mod:`agents.policy.precision`), so its
 parameter memory is 14 bytes per weight (2 + 4 master + 8 Adam) instead of 16; what it saves is
 activation memory and, on CPUs with bfloat16 matrix units, time.
 """

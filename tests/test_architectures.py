@@ -71,8 +71,8 @@ from transformers import (
 )
 
 from agents import TransformerPolicy, text_ppo_kwargs
-from agents.kv_cache import appended_tokens
-from agents.prefix_sharing import covering_rows
+from agents.policy.kv_cache import appended_tokens
+from agents.policy.prefix_sharing import covering_rows
 from tests.conftest import PROMPTS, keyword_reward
 from tests.test_kv_cache import random_walk
 from textgym.tiny import save_tiny_causal_lm, tiny_tokenizer

@@ -204,7 +204,7 @@ def test_waves_sample_from_the_uncached_policy(tiny_env_kwargs, monkeypatch):
     """Sampling in waves: each drawn token's log-prob equals SB3's own uncached per-observation forward,
     and the prompts are encoded once per wave, in one batch."""
     from agents.evaluation import sample_episodes
-    from agents.kv_cache import RolloutKVCache
+    from agents.policy.kv_cache import RolloutKVCache
 
     model = make_model(staggered(tiny_env_kwargs))
     model.learn(32)

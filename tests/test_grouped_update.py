@@ -12,8 +12,8 @@ from stable_baselines3.common.env_util import make_vec_env
 from agents import EpisodeRolloutBuffer, TransformerPolicy, text_ppo_kwargs
 from agents.buffers import storage_dtype
 from textgym.spaces import TokenWindowSpace
-from agents import prefix_sharing
-from agents.prefix_sharing import covering_rows
+from agents.policy import prefix_sharing
+from agents.policy.prefix_sharing import covering_rows
 
 
 def test_covering_rows_picks_the_longest_extension_with_the_same_start():

@@ -11,8 +11,8 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.policies import ActorCriticPolicy
 
 from agents import TransformerPolicy, text_ppo_kwargs
-from agents import kv_cache as kv_cache_module
-from agents.kv_cache import RolloutKVCache, appended_tokens, right_align
+from agents.policy import kv_cache as kv_cache_module
+from agents.policy.kv_cache import RolloutKVCache, appended_tokens, right_align
 
 EOS = 2  # the tiny tokenizer's <eos>
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 import agents.kl
 from agents import KLPenaltyCallback, TransformerPolicy, adapters_disabled, merged_lm, text_ppo_kwargs
 from agents.kl import reference_log_probs
-from agents.lora import lora_config_dict
+from agents.policy.lora import lora_config_dict
 
 # GPT-2's attention projection is a transformers Conv1D, whose weight is stored (in, out).
 LORA = dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)

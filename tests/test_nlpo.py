@@ -16,7 +16,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 
 from agents import EpisodeRolloutBuffer, KLPenaltyCallback, TransformerPolicy, text_ppo_kwargs
-from agents.kv_cache import RolloutKVCache
+from agents.policy.kv_cache import RolloutKVCache
 from agents.nlpo import (NUCLEUS_CANDIDATES, MaskableEpisodeRolloutBuffer, MaskableTransformerPolicy, NLPOCallback,
                          nlpo_kwargs, nucleus_mask)
 from tests.conftest import mean_reward

@@ -8,7 +8,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 
 from agents import TransformerPolicy, text_ppo_kwargs
-from agents.precision import MasterWeights
+from agents.policy.precision import MasterWeights
 from textgym.tasks.synthetic import TASKS
 
 

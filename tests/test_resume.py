@@ -27,7 +27,7 @@ from agents import (
     save_training_state,
     text_ppo_kwargs,
 )
-from agents.policy import VALUE_OPTIMIZER_KEY
+from agents.policy.policy import VALUE_OPTIMIZER_KEY
 from textgym.tasks.recall import RecallGame
 from textgym.tiny import save_tiny_lm
 

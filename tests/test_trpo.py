@@ -10,8 +10,8 @@ import torch
 from sb3_contrib import TRPO
 from stable_baselines3.common.env_util import make_vec_env
 
-import agents.policy as policy_module
 from agents import EpisodeRolloutBuffer, TransformerPolicy
+from agents.policy import policy as policy_module
 from tests.conftest import mean_reward
 from textgym.tasks.synthetic import TASKS
 

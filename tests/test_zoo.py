@@ -157,7 +157,7 @@ def test_converter_moves_value_learning_rate_into_policy_kwargs():
     assert "value_learning_rate" in params  # the input is left alone
 
 
-@pytest.mark.parametrize("policy, text", [("<class 'agents.policy.TransformerPolicy'>", True), ("MlpPolicy", False)])
+@pytest.mark.parametrize("policy, text", [("<class 'agents.policy.policy.TransformerPolicy'>", True), ("MlpPolicy", False)])
 def test_installed_sampler_dispatches_on_the_studys_policy(policy, text):
     import optuna
     from rl_zoo3.hyperparams_opt import HYPERPARAMS_SAMPLER

@@ -121,7 +121,7 @@ def adapters_disabled(policy) -> Iterator[th.nn.Module]:
     peft_model = getattr(policy, "peft_model", None)
     if peft_model is None:
         raise ValueError("the policy has no LoRA adapters (build it with policy_kwargs=dict(lora_config=...))")
-    with peft_model.disable_adapter():  # the rollout KV cache sees the toggle (agents.kv_cache.adapters_state)
+    with peft_model.disable_adapter():  # the rollout KV cache sees the toggle (agents.policy.kv_cache.adapters_state)
         yield policy.lm
 
 

@@ -42,7 +42,7 @@ class MasterWeights:
     are their own masters (no copy). Before each ``optimizer.step()`` the low-precision
     gradients are moved into the masters' ``.grad`` (as float32; the parameters' own ``.grad``
     is cleared); after it, the masters are copied (rounded) into the parameters in place, which
-    bumps their version counters (so :class:`agents.kv_cache.RolloutKVCache` sees the change).
+    bumps their version counters (so :class:`agents.policy.kv_cache.RolloutKVCache` sees the change).
 
     The masters live only in memory: a model saved and loaded again restarts from its rounded
     low-precision weights (the optimizer's moments are saved as usual).

@@ -19,14 +19,14 @@ left padding when the pieces are merged), and a re-encoded row is written into t
 columns of its row. Leading columns that are padding in every row are dropped, so ``S``
 never exceeds the longest row, at most the observation window ``L``: memory is bounded however long
 training runs. Position ids count real tokens only, the convention of
-:func:`agents.extractor.lm_hidden_states`, so cached and uncached features agree to float rounding.
+:func:`agents.policy.extractor.lm_hidden_states`, so cached and uncached features agree to float rounding.
 """
 
 from __future__ import annotations
 
 import torch as th
 
-from agents.extractor import last_token_index
+from agents.policy.extractor import last_token_index
 
 
 def weights_version(parameters: list[th.Tensor]) -> int:
@@ -120,7 +120,7 @@ class RolloutKVCache:
     """Per-env KV cache of a causal LM's trunk, for no-grad rollout steps.
 
     ``features(input_ids, attention_mask)`` returns what
-    :meth:`agents.extractor.CausalLMExtractor.forward` returns — the final hidden state at each
+    :meth:`agents.policy.extractor.CausalLMExtractor.forward` returns — the final hidden state at each
     row's last real token, ``float32 (B, hidden_size)`` — but costs one token per continuing row
     (or the ``k`` tokens a dialogue turn appended) instead of the whole window. Exact up to float
     rounding: rows are verified against the previous call (:func:`appended_tokens`), and the whole cache is dropped when the batch size

@@ -12,11 +12,11 @@ from gymnasium import spaces
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 
-from agents.extractor import CausalLMExtractor
-from agents.kv_cache import RolloutKVCache
-from agents.lora import add_lora, lora_config_dict
-from agents.precision import MasterWeights, output_logits
-from agents.prefix_sharing import covering_rows, last_token_features
+from agents.policy.extractor import CausalLMExtractor
+from agents.policy.kv_cache import RolloutKVCache
+from agents.policy.lora import add_lora, lora_config_dict
+from agents.policy.precision import MasterWeights, output_logits
+from agents.policy.prefix_sharing import covering_rows, last_token_features
 
 UNGROUPED_WARNING = (
     "PPO's minibatch of {rows} transitions needed {groups} transformer forwards, whose episodes hold {expected} "
@@ -43,7 +43,7 @@ class TransformerPolicy(ActorCriticPolicy):
 
     Architecture (one shared trunk, as in Ziegler et al. 2019 and TRL's value-head models):
 
-    - features extractor: :class:`~agents.extractor.CausalLMExtractor`, the LM's trunk; features
+    - features extractor: :class:`~agents.policy.extractor.CausalLMExtractor`, the LM's trunk; features
       are the final hidden state at the last real token, ``float32 (B, hidden_size)``;
     - action net: the LM's own output head (``lm.get_output_embeddings()``), so action logits are
       exactly the LM's next-token logits and go through SB3's ``CategoricalDistribution``;
@@ -67,7 +67,7 @@ class TransformerPolicy(ActorCriticPolicy):
         ``from_pretrained_kwargs=dict(dtype=...)``); default float32. In low precision the LM's
         forward and backward run in that dtype, while the value head, the log-softmax, PPO's ratios
         and losses stay float32, and the optimizer steps float32 master copies of the LM's weights
-        (:class:`agents.precision.MasterWeights`; Micikevicius et al. 2018), because Adam's
+        (:class:`agents.policy.precision.MasterWeights`; Micikevicius et al. 2018), because Adam's
         fine-tuning-sized updates would mostly round away in bfloat16. LoRA adapters are float32
         already (peft), so a LoRA policy needs no master copies. The masters are not in SB3's zip:
         ``load_state_dict`` (``PPO.load``) restarts them from the loaded, rounded weights;
@@ -87,10 +87,10 @@ class TransformerPolicy(ActorCriticPolicy):
         (:class:`agents.GroupRelativeRolloutBuffer`, :func:`agents.group_ppo_kwargs`).
     :param share_prefix_forward: in :meth:`evaluate_actions`, run one forward per group of
         observations that are prefixes of one another (one per episode) instead of one per
-        observation; exact, see :mod:`agents.prefix_sharing`.
+        observation; exact, see :mod:`agents.policy.prefix_sharing`.
     :param kv_cache: during rollouts (``forward`` without grad, eval mode: SB3's
         ``collect_rollouts``), decode incrementally with a per-env KV cache
-        (:class:`agents.kv_cache.RolloutKVCache`): one new token per env and step instead of the
+        (:class:`agents.policy.kv_cache.RolloutKVCache`): one new token per env and step instead of the
         whole window, exact up to float rounding. ``predict``, ``predict_values`` and
         ``evaluate_actions`` never use it; it is dropped at every ``set_training_mode`` call (so
         at the start of every rollout and update) and whenever a weight changed. Checked at
@@ -103,7 +103,7 @@ class TransformerPolicy(ActorCriticPolicy):
         ``self.peft_model`` is the ``peft.PeftModel`` around ``self.lm`` (``None`` without LoRA):
         :class:`agents.KLPenaltyCallback` then takes the same weights with adapters disabled as its
         reference, without a second LM. Stored as a plain dict (``self.lora_config``), so SB3's
-        ``save``/``load`` round-trips it; see :mod:`agents.lora` for saving or merging the adapters.
+        ``save``/``load`` round-trips it; see :mod:`agents.policy.lora` for saving or merging the adapters.
     :param forbid_special_tokens: never sample a special token (the tokenizer's named special
         tokens and added tokens flagged special: ``<pad>``, ``<|im_start|>``, ...) other than the
         stop tokens, i.e. the tokenizer's EOS and the chat template's end-of-turn token.
@@ -322,7 +322,7 @@ class TransformerPolicy(ActorCriticPolicy):
 
     def keep_rollout_rows(self, rows: th.Tensor) -> None:
         """Keep only ``rows`` of the rollout KV cache, in that order: the next no-grad ``forward``
-        gets the observations of those envs only (:meth:`agents.kv_cache.RolloutKVCache.keep_rows`).
+        gets the observations of those envs only (:meth:`agents.policy.kv_cache.RolloutKVCache.keep_rows`).
 
         :param rows: ``(K,)`` int64 indices into the last ``forward``'s batch.
         """
@@ -396,7 +396,7 @@ class TransformerPolicy(ActorCriticPolicy):
         """Values, log-probs and entropy of ``actions`` for a minibatch, as SB3's PPO/A2C expect.
 
         With ``share_prefix_forward`` each group of observations that are prefixes of one another
-        costs one transformer forward (:func:`agents.prefix_sharing.last_token_features`); results equal
+        costs one transformer forward (:func:`agents.policy.prefix_sharing.last_token_features`); results equal
         the per-observation computation up to float rounding.
 
         :param obs: ``{"input_ids": (B, L), "attention_mask": (B, L)}`` tensors.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch as th
 
-from agents.extractor import last_token_index, lm_hidden_states
+from agents.policy.extractor import last_token_index, lm_hidden_states
 
 
 def covering_rows(input_ids: th.Tensor, attention_mask: th.Tensor, chunk: int = 256) -> th.Tensor:
@@ -43,7 +43,7 @@ def covering_rows(input_ids: th.Tensor, attention_mask: th.Tensor, chunk: int = 
 def last_token_features(lm, input_ids: th.Tensor, attention_mask: th.Tensor) -> th.Tensor:
     """Each row's final hidden state at its last real token, one forward per covering row.
 
-    :param lm: a transformers causal LM (see :func:`agents.extractor.lm_hidden_states`).
+    :param lm: a transformers causal LM (see :func:`agents.policy.extractor.lm_hidden_states`).
     :param input_ids: ``(B, L)`` integer token ids.
     :param attention_mask: ``(B, L)`` 0/1, one contiguous block of ones per row.
     :return: ``float32 (B, hidden_size)`` (whatever the LM's dtype), equal (up to float rounding) to
