@@ -21,17 +21,16 @@
 the zoo's PPO sampler table.
 """
 
-from agents.buffers import EpisodeRolloutBuffer, GroupRelativeRolloutBuffer
+from agents.algorithms import (TEXT_PPO_DEFAULTS, AdaptiveKLController, EpisodeRolloutBuffer, FixedKLController,
+                               GroupRelativeRolloutBuffer, KLPenaltyCallback, MaskableEpisodeRolloutBuffer,
+                               MaskableTransformerPolicy, NLPOCallback, TransformerTRPO, group_ppo_kwargs, nlpo_kwargs,
+                               text_ppo_kwargs)
 from agents.callbacks import RollingCheckpointCallback, SampleTextCallback
-from agents.defaults import TEXT_PPO_DEFAULTS, group_ppo_kwargs, text_ppo_kwargs
 from agents.evaluation import TextEvaluation, evaluate_against_reference, sample_episodes
 from agents.export import export_pretrained
-from agents.kl import AdaptiveKLController, FixedKLController, KLPenaltyCallback
-from agents.nlpo import MaskableEpisodeRolloutBuffer, MaskableTransformerPolicy, NLPOCallback, nlpo_kwargs
 from agents.policy import CausalLMExtractor, TransformerPolicy, adapters_disabled, load_causal_lm, merged_lm
 from agents.policy.lora import load_adapters, save_adapters
 from agents.resume import load_training_state, save_training_state
-from agents.trpo import TransformerTRPO
 
 __all__ = [
     "TEXT_PPO_DEFAULTS",

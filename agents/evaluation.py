@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch as th
 
-from agents.kl import reference_log_probs
+from agents.algorithms.kl import reference_log_probs
 from agents.policy.lora import adapters_disabled
 
 
@@ -409,7 +409,7 @@ def evaluate_against_reference(
     Both are sampled through ``env`` (:func:`sample_episodes`: SB3's ``evaluate_policy`` with
     ``policy.predict``, or with ``kv_cache=True`` the KV-cached rollout path in waves of
     episodes), so the figures describe exactly the policy the env sees; then each episode is
-    scored with one forward per episode (:func:`agents.kl.reference_log_probs`) under the trained
+    scored with one forward per episode (:func:`agents.algorithms.kl.reference_log_probs`) under the trained
     LM and under the reference LM. Definitions of the metrics: see :mod:`agents.evaluation`.
 
     The reference is, in this order: ``reference`` if given; for a policy with LoRA adapters, the

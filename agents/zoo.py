@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 
-from agents.buffers import EpisodeRolloutBuffer
-from agents.kl import KL_HORIZON, AdaptiveKLController, KLPenaltyCallback
+from agents.algorithms.buffers import EpisodeRolloutBuffer
+from agents.algorithms.kl import KL_HORIZON, AdaptiveKLController, KLPenaltyCallback
 
 ZOO_ALGO = "ppo"
 """The zoo's algorithm key whose sampler and converter :func:`install_sampler` replaces."""

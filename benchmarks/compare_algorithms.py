@@ -11,7 +11,7 @@ Variants (``--variants``):
 - ``nlpo``: NLPO (Ramamurthy et al. 2023) on sb3-contrib's ``MaskablePPO``: top-p 0.9 of a masking
   policy refreshed every 20 rollouts (:func:`agents.nlpo_kwargs`, :class:`agents.NLPOCallback`);
 - ``a2c``: SB3's A2C (one gradient step per rollout, Adam, the same buffer and value head);
-- ``trpo``: sb3-contrib's TRPO as :class:`agents.trpo.TransformerTRPO` (actor gradients in one
+- ``trpo``: sb3-contrib's TRPO as :class:`agents.algorithms.trpo.TransformerTRPO` (actor gradients in one
   backward pass), 5 conjugate-gradient steps and 4 critic epochs: each Hessian-vector product
   differentiates the KL twice through the LM.
 
@@ -53,7 +53,7 @@ def build_model(variant: str, args: argparse.Namespace, seed: int):
     from stable_baselines3.common.env_util import make_vec_env
 
     from agents import EpisodeRolloutBuffer, MaskableTransformerPolicy, TransformerPolicy, group_ppo_kwargs, nlpo_kwargs
-    from agents.trpo import TransformerTRPO
+    from agents.algorithms.trpo import TransformerTRPO
     from textgym.vec_env import GroupedPrompts
 
     env = make_vec_env("TextGen-v0", n_envs=args.n_envs, seed=seed, env_kwargs=dict(max_new_tokens=args.max_new_tokens))

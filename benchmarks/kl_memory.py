@@ -46,7 +46,7 @@ def synthetic_rollout(n_steps: int, n_envs: int, max_new_tokens: int, seed: int 
 
 def child(chunk_size: int, n_steps: int, n_envs: int, max_new_tokens: int) -> dict:
     from agents import load_causal_lm
-    from agents.kl import reference_log_probs
+    from agents.algorithms.kl import reference_log_probs
 
     torch.set_num_threads(2)
     ids, mask, actions = synthetic_rollout(n_steps, n_envs, max_new_tokens)

@@ -11,7 +11,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from transformers import AutoModelForCausalLM
 
 from agents import TransformerPolicy, evaluate_against_reference, text_ppo_kwargs
-from agents.kl import reference_log_probs
+from agents.algorithms.kl import reference_log_probs
 from agents.policy import kv_cache as kv_cache_module
 from agents.policy.kv_cache import appended_tokens
 from textgym.chat import render_chat

@@ -10,7 +10,7 @@ from stable_baselines3.common.buffers import DictRolloutBuffer
 from stable_baselines3.common.env_util import make_vec_env
 
 from agents import EpisodeRolloutBuffer, TransformerPolicy, text_ppo_kwargs
-from agents.buffers import storage_dtype
+from agents.algorithms.buffers import storage_dtype
 from textgym.spaces import TokenWindowSpace
 from agents.policy import prefix_sharing
 from agents.policy.prefix_sharing import covering_rows

@@ -11,7 +11,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from transformers import AutoModelForCausalLM
 
 from agents import TransformerPolicy, text_ppo_kwargs
-from agents.kl import AdaptiveKLController, FixedKLController, KLPenaltyCallback, complete_episode_sums
+from agents.algorithms.kl import AdaptiveKLController, FixedKLController, KLPenaltyCallback, complete_episode_sums
 from textgym.tasks.synthetic import TASKS
 from textgym.tiny import save_tiny_lm
 
@@ -144,7 +144,7 @@ def test_complete_episode_sums():
 
 def test_reference_pass_in_chunks_equals_one_pass(tiny_env_kwargs, tiny_lm):
     """Chunks of 1, 5 and 7 rows (episodes cut at chunk borders) give the log-probs of one pass."""
-    from agents.kl import reference_log_probs
+    from agents.algorithms.kl import reference_log_probs
 
     env = make_vec_env("TextGen-v0", n_envs=3, seed=0, env_kwargs=tiny_env_kwargs)
     model = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=10, batch_size=10))

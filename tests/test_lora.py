@@ -13,9 +13,9 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 from transformers import AutoModelForCausalLM
 
-import agents.kl
+import agents.algorithms.kl
 from agents import KLPenaltyCallback, TransformerPolicy, adapters_disabled, merged_lm, text_ppo_kwargs
-from agents.kl import reference_log_probs
+from agents.algorithms.kl import reference_log_probs
 from agents.policy.lora import lora_config_dict
 
 # GPT-2's attention projection is a transformers Conv1D, whose weight is stored (in, out).
@@ -103,7 +103,7 @@ def test_kl_reference_is_the_policy_without_adapters_not_a_second_model(tiny_env
     def no_second_model(*args, **kwargs):
         raise AssertionError("KLPenaltyCallback loaded a second model for a LoRA policy")
 
-    monkeypatch.setattr(agents.kl, "load_causal_lm", no_second_model)
+    monkeypatch.setattr(agents.algorithms.kl, "load_causal_lm", no_second_model)
     model = make_model({**tiny_env_kwargs, "reward_model": constant_reward}, n_steps=12, batch_size=8)
     batch, actions = rollout_obs(model, tiny_env_kwargs)
     with adapters_disabled(model.policy) as lm:  # before any update: adapters add exactly 0 (B = 0)

@@ -17,7 +17,7 @@ from stable_baselines3.common.env_util import make_vec_env
 
 from agents import EpisodeRolloutBuffer, KLPenaltyCallback, TransformerPolicy, text_ppo_kwargs
 from agents.policy.kv_cache import RolloutKVCache
-from agents.nlpo import (NUCLEUS_CANDIDATES, MaskableEpisodeRolloutBuffer, MaskableTransformerPolicy, NLPOCallback,
+from agents.algorithms.nlpo import (NUCLEUS_CANDIDATES, MaskableEpisodeRolloutBuffer, MaskableTransformerPolicy, NLPOCallback,
                          nlpo_kwargs, nucleus_mask)
 from tests.conftest import mean_reward
 from textgym.spaces import TokenWindowSpace
@@ -429,7 +429,7 @@ def test_held_out_kl_of_an_nlpo_policy_scores_the_nucleus_it_samples_from(monkey
     (equal to the ones recorded while sampling, through the KV caches), not the bare LM's."""
     import agents.evaluation as evaluation
     from agents import evaluate_against_reference
-    from agents.kl import reference_log_probs
+    from agents.algorithms.kl import reference_log_probs
 
     model = make_nlpo(n_envs=2, policy_kwargs=dict(top_p=0.5))
     model.learn(64, callback=NLPOCallback(), use_masking=False)

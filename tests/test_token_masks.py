@@ -10,7 +10,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from agents import TransformerPolicy, text_ppo_kwargs
-from agents.kl import reference_log_probs
+from agents.algorithms.kl import reference_log_probs
 from textgym.tiny import save_tiny_lm
 
 PROMPTS = ["the movie was", "a film is"]

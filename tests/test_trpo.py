@@ -76,7 +76,7 @@ def test_grouped_distribution_and_values_equal_per_observation():
 @pytest.mark.parametrize("lora", [False, True])
 def test_transformer_trpo_takes_upstreams_actor_gradients_in_one_backward_pass(lora, monkeypatch):
     """TransformerTRPO's one-call gradients equal sb3-contrib's per-parameter ones, entry for entry."""
-    from agents.trpo import TransformerTRPO
+    from agents.algorithms.trpo import TransformerTRPO
 
     lora_kwargs = dict(lora_config=dict(r=4, lora_alpha=8, target_modules=["c_attn"])) if lora else {}
     model = TransformerTRPO(TransformerPolicy, make_vec_env(KEYWORD.gym_id, n_envs=2, seed=0), seed=0, n_steps=8,
@@ -99,7 +99,7 @@ def test_transformer_trpo_takes_upstreams_actor_gradients_in_one_backward_pass(l
 
 
 def test_transformer_trpo_and_trpo_read_each_others_zips(tmp_path):
-    from agents.trpo import TransformerTRPO
+    from agents.algorithms.trpo import TransformerTRPO
 
     model = TransformerTRPO(TransformerPolicy, make_vec_env(KEYWORD.gym_id, n_envs=2, seed=0), seed=0, n_steps=8,
                             batch_size=16, gamma=1.0, rollout_buffer_class=EpisodeRolloutBuffer)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agents.buffers import GROUP_BASELINES, EpisodeRolloutBuffer, GroupRelativeRolloutBuffer
+from agents.algorithms.buffers import GROUP_BASELINES, EpisodeRolloutBuffer, GroupRelativeRolloutBuffer
 
 TEXT_PPO_DEFAULTS: dict[str, Any] = dict(
     n_steps=32,            # steps per env per rollout: a couple of whole generations per env

@@ -54,10 +54,10 @@ from sb3_contrib.common.maskable.utils import is_masking_supported
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 
-from agents.buffers import EpisodeRolloutBuffer
-from agents.defaults import text_ppo_kwargs
-from agents.policy.kv_cache import RolloutKVCache
+from agents.algorithms.buffers import EpisodeRolloutBuffer
+from agents.algorithms.defaults import text_ppo_kwargs
 from agents.policy import TransformerPolicy
+from agents.policy.kv_cache import RolloutKVCache
 from agents.policy.precision import output_logits
 from agents.policy.prefix_sharing import last_token_features
 
@@ -152,7 +152,7 @@ class MaskableTransformerPolicy(TransformerPolicy):
     parent; the masking LM keeps its own :class:`agents.policy.kv_cache.RolloutKVCache`),
     ``get_distribution`` and ``predict`` (the masking LM recomputes the nucleus with one forward per
     episode), and ``evaluate_actions``, which with ``top_p < 1`` takes the masks the rollout used
-    from :class:`MaskableEpisodeRolloutBuffer` and never recomputes them (see :mod:`agents.nlpo`).
+    from :class:`MaskableEpisodeRolloutBuffer` and never recomputes them (see :mod:`agents.algorithms.nlpo`).
     :attr:`last_action_masks` holds the masks of the last ``forward`` for that buffer.
 
     The masking LM is built at construction as a copy of the LM (sharing the frozen base weights
