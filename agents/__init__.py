@@ -25,12 +25,10 @@ from agents.algorithms import (TEXT_PPO_DEFAULTS, AdaptiveKLController, EpisodeR
                                GroupRelativeRolloutBuffer, KLPenaltyCallback, MaskableEpisodeRolloutBuffer,
                                MaskableTransformerPolicy, NLPOCallback, TransformerTRPO, group_ppo_kwargs, nlpo_kwargs,
                                text_ppo_kwargs)
-from agents.callbacks import RollingCheckpointCallback, SampleTextCallback
-from agents.evaluation import TextEvaluation, evaluate_against_reference, sample_episodes
-from agents.export import export_pretrained
 from agents.policy import CausalLMExtractor, TransformerPolicy, adapters_disabled, load_causal_lm, merged_lm
 from agents.policy.lora import load_adapters, save_adapters
-from agents.resume import load_training_state, save_training_state
+from agents.training import (RollingCheckpointCallback, SampleTextCallback, TextEvaluation, evaluate_against_reference,
+                             export_pretrained, load_training_state, sample_episodes, save_training_state)
 
 __all__ = [
     "TEXT_PPO_DEFAULTS",

@@ -376,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     text through ``render_mode="human"``, greedy). Finds the model as enjoy does (``-f``, ``--algo``, ``--exp-id``, ``--load-best``,
     ``--load-checkpoint``, ``--load-last-checkpoint``), runs ``-n`` *episodes* (enjoy's ``-n`` counts
     steps), prints a table of prompt, completion and reward components
-    (:func:`agents.callbacks.samples_table`) and the mean reward. Samples by default;
+    (:func:`agents.training.callbacks.samples_table`) and the mean reward. Samples by default;
     ``--deterministic`` takes the most likely token.
 
     Source: textgym (issue 12).
@@ -387,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """
     import importlib
 
-    from agents.callbacks import samples_table
+    from agents.training.callbacks import samples_table
 
     parser = argparse.ArgumentParser(prog="python -m agents.zoo", description=main.__doc__.splitlines()[0])
     parser.add_argument("--env", required=True, help="Gymnasium id the model was trained on")

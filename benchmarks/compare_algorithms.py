@@ -20,7 +20,7 @@ ends, before the final evaluation) is its own. Training runs in ``--curve-points
 ``model.learn(..., reset_num_timesteps=False)``; only those calls are timed (split into rollout,
 ``collect_rollouts``, and update: the KL reference pass plus the algorithm's ``train``). Between
 chunks, the policy samples ``--curve-episodes`` held-out episodes (test split, same prompts at
-every point, KV-cached sampling in waves, :func:`agents.evaluation.sample_episodes`) for the
+every point, KV-cached sampling in waves, :func:`agents.training.evaluation.sample_episodes`) for the
 reward-against-wall-time curve. At the end
 :func:`agents.evaluate_against_reference` gives the held-out reward gain, KL to the reference and
 perplexity under it (``--eval-episodes`` per policy; the reference's figures are pooled over all
@@ -108,7 +108,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     import textgym  # noqa: F401  (registers TextGen-v0)
     from agents import AdaptiveKLController, KLPenaltyCallback, NLPOCallback, evaluate_against_reference
-    from agents.evaluation import sample_episodes
+    from agents.training.evaluation import sample_episodes
 
     class Clock(BaseCallback):
         """Seconds spent in rollouts, and SB3's explained variance of each update."""

@@ -3,11 +3,11 @@
     python benchmarks/evaluation_speed.py      # SmolLM2-135M on the reasoning demo's held-out questions, ~5 min
 
 ``agents.evaluate_against_reference`` samples the reference and the trained policy with
-:func:`agents.evaluation.sample_episodes`. With ``kv_cache=False`` that is SB3's
+:func:`agents.training.evaluation.sample_episodes`. With ``kv_cache=False`` that is SB3's
 ``evaluate_policy`` through ``policy.predict``, a full forward over the window at every step;
 with ``kv_cache=True`` it is the rollout path's per-env KV cache, in waves of episodes that start
 together (each wave's prompts encoded in one batch, as ``generate`` encodes its batch). The middle
-row is the KV cache through ``evaluate_policy`` (:class:`agents.evaluation.CachedSampler`), where
+row is the KV cache through ``evaluate_policy`` (:class:`agents.training.evaluation.CachedSampler`), where
 each env starts its next episode alone and envs that finished their share keep decoding. The table
 gives sampled tokens/s of one policy's episodes (8 envs) and the whole evaluation's seconds (both
 policies, plus scoring each episode under both LMs), next to ``model.generate`` on the same LM,
@@ -31,7 +31,7 @@ def main() -> None:
 
     import textgym  # noqa: F401
     from agents import TransformerPolicy, evaluate_against_reference, text_ppo_kwargs
-    from agents.evaluation import CachedSampler, _sample_episodes, sample_episodes
+    from agents.training.evaluation import CachedSampler, _sample_episodes, sample_episodes
 
     torch.set_num_threads(2)
     n_envs, n_episodes = 8, 64

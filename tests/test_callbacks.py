@@ -10,7 +10,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from agents import SampleTextCallback, TransformerPolicy, text_ppo_kwargs
-from agents.callbacks import samples_table
+from agents.training.callbacks import samples_table
 
 
 def test_samples_table_escapes_and_lists_every_component():

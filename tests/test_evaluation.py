@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM
 
 from agents import TransformerPolicy, evaluate_against_reference, text_ppo_kwargs
-from agents.evaluation import distinct_n, markdown_table
+from agents.training.evaluation import distinct_n, markdown_table
 from tests.conftest import keyword_reward
 from textgym.env import load_tokenizer
 
@@ -140,7 +140,7 @@ def test_reward_components_get_a_column_with_mean_and_standard_error(tiny_env_kw
 
 def test_cached_sampler_draws_from_the_uncached_policy(tiny_env_kwargs):
     """Log-probs of the actions the KV-cached sampler drew equal the uncached policy's (same distribution)."""
-    from agents.evaluation import CachedSampler
+    from agents.training.evaluation import CachedSampler
 
     model = make_model(tiny_env_kwargs)
     model.learn(32)  # trained weights, not the initial ones
@@ -181,7 +181,7 @@ def staggered(env_kwargs) -> dict:
 def test_waves_draw_the_episodes_of_evaluate_policy(tiny_env_kwargs):
     """Greedy decoding: the KV-cached waves give exactly the episodes of SB3's evaluate_policy + predict
     (same prompts per env, same tokens, same rewards), with 7 episodes split unevenly over 3 envs."""
-    from agents.evaluation import _wave_envs, sample_episodes
+    from agents.training.evaluation import _wave_envs, sample_episodes
 
     model = make_model(staggered(tiny_env_kwargs))
     model.learn(32)
@@ -203,8 +203,8 @@ def test_waves_draw_the_episodes_of_evaluate_policy(tiny_env_kwargs):
 def test_waves_sample_from_the_uncached_policy(tiny_env_kwargs, monkeypatch):
     """Sampling in waves: each drawn token's log-prob equals SB3's own uncached per-observation forward,
     and the prompts are encoded once per wave, in one batch."""
-    from agents.evaluation import sample_episodes
     from agents.policy.kv_cache import RolloutKVCache
+    from agents.training.evaluation import sample_episodes
 
     model = make_model(staggered(tiny_env_kwargs))
     model.learn(32)
@@ -229,7 +229,7 @@ def test_waves_sample_from_the_uncached_policy(tiny_env_kwargs, monkeypatch):
 def test_waves_leave_reward_changing_vec_env_wrappers_to_evaluate_policy(tiny_env_kwargs):
     from stable_baselines3.common.vec_env import VecNormalize
 
-    from agents.evaluation import _wave_envs, sample_episodes
+    from agents.training.evaluation import _wave_envs, sample_episodes
     from textgym.vec_env import BatchedRewards, GroupedPrompts
 
     env = make_vec_env("TextGen-v0", n_envs=2, seed=4, env_kwargs=tiny_env_kwargs)

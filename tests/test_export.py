@@ -11,7 +11,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
 
 from agents import TextEvaluation, TransformerPolicy, export_pretrained, text_ppo_kwargs
-from agents.export import MLP_PREFIX, VALUE_HEAD_FILE
+from agents.training.export import MLP_PREFIX, VALUE_HEAD_FILE
 from tests.conftest import MAX_NEW_TOKENS, PROMPTS, keyword_reward
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
@@ -167,7 +167,7 @@ def test_model_card_lists_base_model_algorithm_settings_and_evaluation(full_mode
 
 
 def test_base_model_hub_id(tmp_path):
-    from agents.export import _hub_id
+    from agents.training.export import _hub_id
     from textgym.assets import DEFAULT_MODEL
 
     assert _hub_id("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"

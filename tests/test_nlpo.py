@@ -388,7 +388,7 @@ def test_save_and_load_keep_the_nlpo_settings_and_mask_with_the_loaded_weights(t
 
 
 def test_held_out_reference_of_an_nlpo_policy_is_the_plain_pretrained_policy():
-    from agents.evaluation import _reference_copy
+    from agents.training.evaluation import _reference_copy
 
     policy = make_nlpo(n_envs=2).policy
     reference = _reference_copy(policy)
@@ -399,7 +399,7 @@ def test_held_out_reference_of_an_nlpo_policy_is_the_plain_pretrained_policy():
 def test_held_out_waves_sample_from_the_uncached_masked_policy(monkeypatch):
     """KV-cached evaluation in waves keeps the masking LM's cache on the same rows as the policy's:
     every sampled token lies in the uncached nucleus, and its log-prob is the uncached masked one."""
-    from agents.evaluation import sample_episodes
+    from agents.training.evaluation import sample_episodes
 
     model = make_nlpo(n_envs=3, policy_kwargs=dict(top_p=0.5))
     model.learn(64, callback=NLPOCallback(), use_masking=False)
@@ -427,7 +427,7 @@ def test_held_out_waves_sample_from_the_uncached_masked_policy(monkeypatch):
 def test_held_out_kl_of_an_nlpo_policy_scores_the_nucleus_it_samples_from(monkeypatch):
     """The trained row's log-probs are those of the masked distribution the tokens were drawn from
     (equal to the ones recorded while sampling, through the KV caches), not the bare LM's."""
-    import agents.evaluation as evaluation
+    import agents.training.evaluation as evaluation
     from agents import evaluate_against_reference
     from agents.algorithms.kl import reference_log_probs
 

@@ -338,7 +338,7 @@ def test_group_relative_and_nlpo_runs_resume_exactly(algorithm, sabotage, tiny_e
     from sb3_contrib import MaskablePPO
 
     from agents import MaskableTransformerPolicy, NLPOCallback, group_ppo_kwargs, nlpo_kwargs
-    from agents import resume as resume_module
+    from agents.training import resume as resume_module
     from textgym.vec_env import GroupedPrompts
 
     def make_env(seed=0):

@@ -271,7 +271,7 @@ class DialogueEnv(gym.Env):
     """The keys of :meth:`get_episode_state`."""
 
     def get_episode_state(self) -> dict[str, Any]:
-        """The game in progress, as a deep copy (for :func:`agents.resume.save_training_state`).
+        """The game in progress, as a deep copy (for :func:`agents.training.resume.save_training_state`).
 
         :return: ``game`` (a deep copy of the :class:`DialogueGame`, whose state is the game's: a
             game must be deep-copyable, as :func:`as_game` already requires, and picklable to be

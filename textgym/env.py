@@ -282,7 +282,7 @@ class TextGenEnv(gym.Env):
     """The keys of :meth:`get_episode_state`."""
 
     def get_episode_state(self) -> dict[str, Any]:
-        """The episode in progress, as a deep copy (for :func:`agents.resume.save_training_state`).
+        """The episode in progress, as a deep copy (for :func:`agents.training.resume.save_training_state`).
 
         :return: ``prompt`` (the prompt string or conversation), ``prompt_tokens`` and ``generated``
             (``list[int]``), ``done`` (``bool``: the episode ended, ``reset()`` is due) and

@@ -165,7 +165,7 @@ class KLPenaltyCallback(BaseCallback):
     one. Otherwise (a new count: ``learn``'s default ``reset_num_timesteps=True``, or
     ``resume_controller=False``) the controller passed here is used and replaces the model's. So
     ``PPO.load`` then ``learn(..., callback=KLPenaltyCallback(same arguments),
-    reset_num_timesteps=False)`` continues ``beta`` where it was (see :mod:`agents.resume`).
+    reset_num_timesteps=False)`` continues ``beta`` where it was (see :mod:`agents.training.resume`).
 
     :param kl_coef: a float (fixed ``beta``), or a controller with ``.value`` and
         ``.update(kl, n_episodes)`` (:class:`FixedKLController`, :class:`AdaptiveKLController`).

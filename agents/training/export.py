@@ -66,7 +66,7 @@ def export_pretrained(model: Any, directory: str | os.PathLike, *, evaluation: A
     :param directory: where to write; created with its parents.
     :param evaluation: held-out figures for the card: an :class:`agents.TextEvaluation` or a dict of
         them (e.g. :func:`agents.evaluate_against_reference`'s result), shown with
-        :func:`agents.evaluation.markdown_table`.
+        :func:`agents.training.evaluation.markdown_table`.
     :param reward_model: what the policy was trained to maximise, for the card: a string, or any
         object (its ``repr`` is used).
     :param training_settings: further settings for the card's hyperparameter table (e.g.
@@ -117,7 +117,7 @@ def _transformer_policy(model: Any):
 
 
 def _evaluations(evaluation: Any) -> dict[str, Any] | None:
-    from agents.evaluation import TextEvaluation
+    from agents.training.evaluation import TextEvaluation
 
     if evaluation is None:
         return None
@@ -244,7 +244,7 @@ def _model_card(model, policy, lm, evaluations, reward_model, training_settings:
                   "", "The adapters are merged into the weights (`W + (lora_alpha / r) B A`): this is a plain "
                   "transformers model, no `peft` needed."]
     if evaluations:
-        from agents.evaluation import markdown_table
+        from agents.training.evaluation import markdown_table
 
         lines += ["", "## Held-out evaluation", "", markdown_table(evaluations), "",
                   "Mean reward ± standard error, KL to the reference model in nats per episode, perplexity of the "

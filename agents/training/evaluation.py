@@ -410,7 +410,7 @@ def evaluate_against_reference(
     ``policy.predict``, or with ``kv_cache=True`` the KV-cached rollout path in waves of
     episodes), so the figures describe exactly the policy the env sees; then each episode is
     scored with one forward per episode (:func:`agents.algorithms.kl.reference_log_probs`) under the trained
-    LM and under the reference LM. Definitions of the metrics: see :mod:`agents.evaluation`.
+    LM and under the reference LM. Definitions of the metrics: see :mod:`agents.training.evaluation`.
 
     The reference is, in this order: ``reference`` if given; for a policy with LoRA adapters, the
     same policy with adapters disabled (no second model); otherwise a fresh copy of the policy

@@ -12,7 +12,7 @@ from typing import Any
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 
 from agents.policy.lora import save_adapters
-from agents.resume import save_training_state
+from agents.training.resume import save_training_state
 
 
 class SampleTextCallback(BaseCallback):
@@ -104,8 +104,8 @@ class RollingCheckpointCallback(CheckpointCallback):
     - by default: the whole algorithm, ``{name_prefix}_{steps}_steps.zip`` (``model.save``; resume
       with ``PPO.load(path, env=env)``);
     - ``training_state=True``: the same zip plus ``{name_prefix}_training_state_{steps}_steps.pkl``
-      (:func:`agents.resume.save_training_state`: random generators, envs' episodes in progress,
-      the next observation), so that ``PPO.load`` + :func:`agents.resume.load_training_state` +
+      (:func:`agents.training.resume.save_training_state`: random generators, envs' episodes in progress,
+      the next observation), so that ``PPO.load`` + :func:`agents.training.resume.load_training_state` +
       ``learn(..., reset_num_timesteps=False)`` continues as if never interrupted. Both are written
       at the first rollout start at or after every ``save_freq``-th call, i.e. between PPO
       iterations (a checkpoint inside a rollout would lose that rollout), so the step counts in

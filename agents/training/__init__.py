@@ -1,0 +1,22 @@
+"""Training operations around a model: callbacks that show samples and keep checkpoints
+(``callbacks.py``), held-out evaluation against the reference (``evaluation.py``), exact resume
+(``resume.py``) and export as a Hugging Face model directory (``export.py``).
+
+This floor builds on :mod:`agents.policy` and :mod:`agents.algorithms`; nothing below imports it.
+"""
+
+from agents.training.callbacks import RollingCheckpointCallback, SampleTextCallback
+from agents.training.evaluation import TextEvaluation, evaluate_against_reference, sample_episodes
+from agents.training.export import export_pretrained
+from agents.training.resume import load_training_state, save_training_state
+
+__all__ = [
+    "RollingCheckpointCallback",
+    "SampleTextCallback",
+    "TextEvaluation",
+    "evaluate_against_reference",
+    "export_pretrained",
+    "load_training_state",
+    "sample_episodes",
+    "save_training_state",
+]
