@@ -26,9 +26,9 @@ from agents.algorithms import (TEXT_PPO_DEFAULTS, AdaptiveKLController, EpisodeR
                                MaskableTransformerPolicy, NLPOCallback, TransformerTRPO, group_ppo_kwargs, nlpo_kwargs,
                                text_ppo_kwargs)
 from agents.policy import CausalLMExtractor, TransformerPolicy, adapters_disabled, load_causal_lm, merged_lm
-from agents.policy.lora import load_adapters, save_adapters
 from agents.training import (RollingCheckpointCallback, SampleTextCallback, TextEvaluation, evaluate_against_reference,
-                             export_pretrained, load_training_state, sample_episodes, save_training_state)
+                             export_pretrained, load_adapters, load_training_state, sample_episodes, save_adapters,
+                             save_training_state)
 
 __all__ = [
     "TEXT_PPO_DEFAULTS",

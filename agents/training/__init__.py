@@ -1,11 +1,13 @@
 """Training operations around a model: callbacks that show samples and keep checkpoints
-(``callbacks.py``), held-out evaluation against the reference (``evaluation.py``), exact resume
-(``resume.py``) and export as a Hugging Face model directory (``export.py``).
+(``callbacks.py``), adapters-only checkpoints of LoRA policies (``checkpoints.py``), held-out
+evaluation against the reference (``evaluation.py``), exact resume (``resume.py``) and export as
+a Hugging Face model directory (``export.py``).
 
 This floor builds on :mod:`agents.policy` and :mod:`agents.algorithms`; nothing below imports it.
 """
 
 from agents.training.callbacks import RollingCheckpointCallback, SampleTextCallback
+from agents.training.checkpoints import load_adapters, save_adapters
 from agents.training.evaluation import TextEvaluation, evaluate_against_reference, sample_episodes
 from agents.training.export import export_pretrained
 from agents.training.resume import load_training_state, save_training_state
@@ -16,7 +18,9 @@ __all__ = [
     "TextEvaluation",
     "evaluate_against_reference",
     "export_pretrained",
+    "load_adapters",
     "load_training_state",
     "sample_episodes",
+    "save_adapters",
     "save_training_state",
 ]

@@ -11,7 +11,7 @@ from typing import Any
 
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 
-from agents.policy.lora import save_adapters
+from agents.training.checkpoints import save_adapters
 from agents.training.resume import save_training_state
 
 
@@ -116,8 +116,8 @@ class RollingCheckpointCallback(CheckpointCallback):
       ``predict``);
     - ``adapters_only=True`` (LoRA policies): the folder ``{name_prefix}_adapters_{steps}_steps``
       with the adapters, the value head and the constructor arguments, no frozen base weights and
-      no optimizer state (:func:`agents.policy.lora.save_adapters`; load with
-      :func:`agents.policy.lora.load_adapters`): a few MB instead of the LM's size;
+      no optimizer state (:func:`agents.training.checkpoints.save_adapters`; load with
+      :func:`agents.training.checkpoints.load_adapters`): a few MB instead of the LM's size;
 
     then deletes this callback's checkpoints (and VecNormalize / replay-buffer / training-state
     files of the same steps) older than the ``keep_last`` newest.
