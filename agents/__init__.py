@@ -16,9 +16,9 @@
 - :class:`RollingCheckpointCallback`: the last K checkpoints; without optimizer state, adapters only, or resumable.
 - :func:`export_pretrained`: a Hugging Face model directory (LM, tokenizer, value head, model card).
 
-:mod:`agents.zoo` (rl-baselines3-zoo support: yaml-friendly callbacks, a tuning sampler for text,
-``python -m agents.zoo`` to replay a zoo-trained model) is not imported here: importing it changes
-the zoo's PPO sampler table.
+:mod:`agents.training.zoo` (rl-baselines3-zoo support: yaml-friendly callbacks, a tuning sampler for
+text, a replay) is not imported here. :mod:`agents.zoo` is the zoo's entry point: importing it puts
+the text sampler in the zoo's PPO sampler table, and ``python -m agents.zoo`` replays a zoo-trained model.
 """
 
 from agents.algorithms import (TEXT_PPO_DEFAULTS, AdaptiveKLController, EpisodeRolloutBuffer, FixedKLController,

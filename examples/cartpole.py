@@ -1,7 +1,7 @@
 """Classic-control sanity baseline: the same upstream SB3 PPO on CartPole-v1.
 
 Hyperparameters are rl-baselines3-zoo's, read from the installed ``rl_zoo3`` package
-(``hyperparams/ppo.yml``, CartPole-v1, via :func:`agents.zoo.zoo_hyperparams`); the zoo's benchmark
+(``hyperparams/ppo.yml``, CartPole-v1, via :func:`agents.training.zoo.zoo_hyperparams`); the zoo's benchmark
 reports 500.0 +/- 0.0 after 1e5 steps::
 
     python examples/cartpole.py            # ~2-4 min on a 2-core CPU
@@ -17,7 +17,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 
-from agents.zoo import zoo_hyperparams
+from agents.training.zoo import zoo_hyperparams
 
 
 def main() -> None:

@@ -78,13 +78,13 @@ class Benchmark:
 
 
 # --- classic control: rl-baselines3-zoo's PPO hyperparameters, read from the installed rl_zoo3 ------
-# Every algorithm key is the zoo's (agents.zoo.zoo_hyperparams: its shipped hyperparams/ppo.yml, with
+# Every algorithm key is the zoo's (agents.training.zoo.zoo_hyperparams: its shipped hyperparams/ppo.yml, with
 # lin_<v> schedules as SB3 LinearSchedules); omitted keys are SB3's defaults, as in the zoo. Only the
 # budgets are ours (BUDGET_NOTE). References are the zoo's benchmark (benchmark.md): mean +/- std of
 # episodic return of the trained agent.
 def zoo_benchmark(env_id: str, total_timesteps: int, reference: str, quick_timesteps: int = 20_000) -> Benchmark:
     """A classic-control row with the zoo's PPO hyperparameters, ``n_envs`` and ``normalize`` for ``env_id``."""
-    from agents.zoo import zoo_hyperparams
+    from agents.training.zoo import zoo_hyperparams
 
     ppo_kwargs = zoo_hyperparams(env_id)
     n_envs, zoo_timesteps = ppo_kwargs.pop("n_envs"), int(ppo_kwargs.pop("n_timesteps"))

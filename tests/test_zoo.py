@@ -18,8 +18,8 @@ from stable_baselines3 import PPO
 
 import textgym.hyperparams
 from agents import TEXT_PPO_DEFAULTS, EpisodeRolloutBuffer, TransformerPolicy, text_ppo_kwargs
-from agents.zoo import TEXT_PPO_SEARCH_SPACE, convert_text_ppo_params
-from agents.zoo import main as zoo_replay
+from agents.training.zoo import TEXT_PPO_SEARCH_SPACE, convert_text_ppo_params, install_text_sampler
+from agents.training.zoo import main as zoo_replay
 from textgym.tasks.synthetic import TASKS, tiny_lm_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,6 +162,7 @@ def test_installed_sampler_dispatches_on_the_studys_policy(policy, text):
     import optuna
     from rl_zoo3.hyperparams_opt import HYPERPARAMS_SAMPLER
 
+    install_text_sampler()
     study = optuna.create_study()
     study.set_user_attr("policy", policy)
     study.set_user_attr("policy_kwargs", "{'value_learning_rate': 0.0001, 'forbid_special_tokens': True}")
@@ -172,8 +173,23 @@ def test_installed_sampler_dispatches_on_the_studys_policy(policy, text):
         assert sampled["batch_size"] <= sampled["n_steps"] * 4
 
 
+def test_only_the_zoos_entry_point_installs_the_text_sampler():
+    code = (
+        "from rl_zoo3.hyperparams_opt import HYPERPARAMS_SAMPLER as S\n"
+        "zoos = S['ppo']\n"
+        "import agents.training.zoo\n"
+        "print(S['ppo'] is zoos)\n"
+        "import agents.zoo\n"
+        "print(S['ppo'] is agents.training.zoo._sampler)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["True", "True"], result.stdout + result.stderr
+    replay = subprocess.run([sys.executable, "-m", "agents.zoo", "--help"], capture_output=True, text=True, check=True)
+    assert replay.stdout.startswith("usage: python -m agents.zoo"), replay.stdout + replay.stderr
+
+
 def test_zoo_hyperparams_come_from_the_installed_zoo_with_schedules_converted():
-    from agents.zoo import zoo_hyperparams
+    from agents.training.zoo import zoo_hyperparams
 
     cartpole = zoo_hyperparams("CartPole-v1")
     assert cartpole["n_envs"] == 8 and cartpole["n_steps"] == 32 and cartpole["policy"] == "MlpPolicy"

@@ -5,7 +5,8 @@ its comments say how the zoo reads each value. Pass it to the zoo as a path
 (``-conf textgym/hyperparams/ppo.yml`` from a checkout, or the path :func:`yaml_path` returns) or,
 from any directory, as this module: ``-conf textgym.hyperparams`` (the zoo imports a ``-conf``
 value that is neither ``.yml`` nor ``.py`` and reads its ``hyperparams`` attribute, which here is
-``ppo.yml`` loaded afresh on every access). The classes it names live in :mod:`agents.zoo`.
+``ppo.yml`` loaded afresh on every access). The classes it names live in :mod:`agents.training.zoo`
+(named through :mod:`agents.zoo`, whose import installs the text sampler).
 Importing this module stays light (no torch).
 """
 
