@@ -16,15 +16,22 @@
 - :class:`RollingCheckpointCallback`: the last K checkpoints; without optimizer state, adapters only, or resumable.
 - :func:`export_pretrained`: a Hugging Face model directory (LM, tokenizer, value head, model card).
 
+The modules stand on three floors, each importing only from the floors below it:
+:mod:`agents.policy` (the policy and what it is made of), :mod:`agents.algorithms` (the algorithms'
+parts) and :mod:`agents.training` (training operations: callbacks, checkpoints, evaluation, resume,
+export). ``import agents`` imports neither sb3-contrib nor peft nor rl-baselines3-zoo: the NLPO and
+TRPO names are imported from their modules on first access, and peft only when a policy gets adapters.
+
 :mod:`agents.training.zoo` (rl-baselines3-zoo support: yaml-friendly callbacks, a tuning sampler for
 text, a replay) is not imported here. :mod:`agents.zoo` is the zoo's entry point: importing it puts
 the text sampler in the zoo's PPO sampler table, and ``python -m agents.zoo`` replays a zoo-trained model.
 """
 
+from typing import Any
+
+from agents import algorithms
 from agents.algorithms import (TEXT_PPO_DEFAULTS, AdaptiveKLController, EpisodeRolloutBuffer, FixedKLController,
-                               GroupRelativeRolloutBuffer, KLPenaltyCallback, MaskableEpisodeRolloutBuffer,
-                               MaskableTransformerPolicy, NLPOCallback, TransformerTRPO, group_ppo_kwargs, nlpo_kwargs,
-                               text_ppo_kwargs)
+                               GroupRelativeRolloutBuffer, KLPenaltyCallback, group_ppo_kwargs, text_ppo_kwargs)
 from agents.policy import CausalLMExtractor, TransformerPolicy, adapters_disabled, load_causal_lm, merged_lm
 from agents.training import (RollingCheckpointCallback, SampleTextCallback, TextEvaluation, evaluate_against_reference,
                              export_pretrained, load_adapters, load_training_state, sample_episodes, save_adapters,
@@ -60,3 +67,12 @@ __all__ = [
     "save_training_state",
     "text_ppo_kwargs",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """PEP 562: a name whose module needs sb3-contrib (:data:`agents.algorithms.NEEDS_SB3_CONTRIB`), on first access."""
+    if name not in algorithms.NEEDS_SB3_CONTRIB:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(algorithms, name)
+    globals()[name] = value
+    return value

@@ -1,5 +1,5 @@
-"""Package layout: ``import textgym`` stays light, old module paths name their new place, and the
-public names still resolve to the objects in their new modules."""
+"""Package layout: ``import textgym`` and ``import agents`` stay light, old module paths name their
+new place, and the public names still resolve to the objects in their new modules."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ import sys
 
 import pytest
 
+import agents
+import agents.algorithms
+import agents.policy
+import agents.training
 import textgym.prompts
 import textgym.rewards
 
@@ -24,6 +28,31 @@ def test_import_textgym_is_light_and_registers_the_ids():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split("\n")[:3] == ["[]", "True True True", "[]"], result.stdout + result.stderr
+
+
+def test_import_agents_leaves_sb3_contrib_peft_and_the_zoo_out_until_used():
+    code = (
+        "import sys, agents\n"
+        "print(sorted({'sb3_contrib', 'rl_zoo3', 'peft'} & set(sys.modules)))\n"
+        "print(all(getattr(agents, name) is not None for name in agents.__all__))\n"
+        "print(sorted({'sb3_contrib', 'rl_zoo3', 'peft'} & set(sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # Resolving every public name imports sb3-contrib (NLPO, TRPO), and still neither peft nor the zoo.
+    assert result.stdout.split("\n")[:3] == ["[]", "True", "['sb3_contrib']"], result.stdout + result.stderr
+
+
+def test_agents_names_are_their_floors_names():
+    floors = (agents.policy, agents.algorithms, agents.training)
+    assert sorted(agents.__all__) == sorted(name for floor in floors for name in floor.__all__)
+    for floor in floors:
+        for name in floor.__all__:
+            assert getattr(agents, name) is getattr(floor, name), name
+    assert agents.TransformerTRPO.__module__ == "agents.algorithms.trpo"
+    with pytest.raises(AttributeError, match="nope"):
+        agents.nope  # noqa: B018
+    with pytest.raises(AttributeError, match="nope"):
+        agents.algorithms.nope  # noqa: B018
 
 
 @pytest.mark.parametrize("old, new", [

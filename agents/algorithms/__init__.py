@@ -6,11 +6,22 @@ one backward pass (``trpo.py``).
 This floor builds on :mod:`agents.policy` and imports nothing from :mod:`agents.training`.
 """
 
+import importlib
+from typing import Any
+
 from agents.algorithms.buffers import EpisodeRolloutBuffer, GroupRelativeRolloutBuffer
 from agents.algorithms.defaults import TEXT_PPO_DEFAULTS, group_ppo_kwargs, text_ppo_kwargs
 from agents.algorithms.kl import AdaptiveKLController, FixedKLController, KLPenaltyCallback
-from agents.algorithms.nlpo import MaskableEpisodeRolloutBuffer, MaskableTransformerPolicy, NLPOCallback, nlpo_kwargs
-from agents.algorithms.trpo import TransformerTRPO
+
+NEEDS_SB3_CONTRIB = {
+    "MaskableEpisodeRolloutBuffer": "agents.algorithms.nlpo",
+    "MaskableTransformerPolicy": "agents.algorithms.nlpo",
+    "NLPOCallback": "agents.algorithms.nlpo",
+    "nlpo_kwargs": "agents.algorithms.nlpo",
+    "TransformerTRPO": "agents.algorithms.trpo",
+}
+"""Public name -> its module, imported on first access: these modules import sb3-contrib, which a
+PPO run does not need."""
 
 __all__ = [
     "TEXT_PPO_DEFAULTS",
@@ -27,3 +38,12 @@ __all__ = [
     "nlpo_kwargs",
     "text_ppo_kwargs",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """PEP 562: import a name of :data:`NEEDS_SB3_CONTRIB` from its module on first access."""
+    if name not in NEEDS_SB3_CONTRIB:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(NEEDS_SB3_CONTRIB[name]), name)
+    globals()[name] = value
+    return value
