@@ -36,6 +36,27 @@ from agents.policy import CausalLMExtractor, TransformerPolicy, adapters_disable
 from agents.training import (RollingCheckpointCallback, SampleTextCallback, TextEvaluation, evaluate_against_reference,
                              export_pretrained, load_adapters, load_training_state, sample_episodes, save_adapters,
                              save_training_state)
+from textgym import _moved
+
+_MOVED = {
+    "agents.buffers": "agents.algorithms.buffers",
+    "agents.defaults": "agents.algorithms.defaults",
+    "agents.kl": "agents.algorithms.kl",
+    "agents.nlpo": "agents.algorithms.nlpo",
+    "agents.trpo": "agents.algorithms.trpo",
+    "agents.extractor": "agents.policy.extractor",
+    "agents.kv_cache": "agents.policy.kv_cache",
+    "agents.lora": "agents.policy.lora (save_adapters, load_adapters: agents.training.checkpoints)",
+    "agents.precision": "agents.policy.precision",
+    "agents.prefix_sharing": "agents.policy.prefix_sharing",
+    "agents.callbacks": "agents.training.callbacks",
+    "agents.evaluation": "agents.training.evaluation",
+    "agents.export": "agents.training.export",
+    "agents.resume": "agents.training.resume",
+}
+"""Old module path (before the modules were arranged by role) -> where its contents are now."""
+
+_moved.install(_MOVED)  # importing an old module path (agents.kl, ...) names its new place
 
 __all__ = [
     "TEXT_PPO_DEFAULTS",

@@ -60,11 +60,41 @@ def test_agents_names_are_their_floors_names():
     ("textgym.synthetic", "textgym.tasks.synthetic"),
     ("textgym.train_reward_model", "textgym.rewards.train_reward_model"),
     ("textgym.train_sentiment_head", "textgym.rewards.train_sentiment_head"),
+    ("agents.buffers", "agents.algorithms.buffers"),
+    ("agents.defaults", "agents.algorithms.defaults"),
+    ("agents.kl", "agents.algorithms.kl"),
+    ("agents.nlpo", "agents.algorithms.nlpo"),
+    ("agents.trpo", "agents.algorithms.trpo"),
+    ("agents.extractor", "agents.policy.extractor"),
+    ("agents.kv_cache", "agents.policy.kv_cache"),
+    ("agents.lora", "agents.policy.lora"),
+    ("agents.precision", "agents.policy.precision"),
+    ("agents.prefix_sharing", "agents.policy.prefix_sharing"),
+    ("agents.callbacks", "agents.training.callbacks"),
+    ("agents.evaluation", "agents.training.evaluation"),
+    ("agents.export", "agents.training.export"),
+    ("agents.resume", "agents.training.resume"),
 ])
 def test_old_module_paths_name_their_new_module(old, new):
     with pytest.raises(ModuleNotFoundError, match=f"{old} moved to {new}"):
         importlib.import_module(old)
     importlib.import_module(new)
+
+
+def test_old_lora_path_names_where_the_adapter_checkpoints_went():
+    from agents.training.checkpoints import load_adapters, save_adapters
+
+    with pytest.raises(ModuleNotFoundError, match="save_adapters, load_adapters: agents.training.checkpoints"):
+        from agents.lora import save_adapters  # noqa: F401
+    assert agents.save_adapters is save_adapters and agents.load_adapters is load_adapters
+
+
+def test_the_policy_keeps_its_path():
+    # agents.policy is now the floor's package: models saved before the move pickled their policy
+    # class as agents.policy.TransformerPolicy, and that still loads.
+    from agents.policy import TransformerPolicy
+
+    assert TransformerPolicy is agents.TransformerPolicy
 
 
 def test_old_public_names_resolve_to_the_new_modules():
