@@ -4,8 +4,10 @@ new place, and the public names still resolve to the objects in their new module
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +121,12 @@ def test_unknown_attributes_raise_attribute_error():
         textgym.nope  # noqa: B018
     with pytest.raises(AttributeError, match="nope"):
         textgym.rewards.nope  # noqa: B018
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ruff") is None, reason="ruff is not installed (pip install -e '.[test]')")
+def test_ruff_finds_nothing():
+    # The rules and line length are pyproject.toml's [tool.ruff]; --no-cache keeps the checkout clean.
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=repo,
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
