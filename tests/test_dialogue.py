@@ -16,6 +16,7 @@ from agents.kl import reference_log_probs
 from agents.kv_cache import appended_tokens
 from textgym.chat import render_chat
 from textgym.dialogue import DialogueEnv, DialogueGame
+from textgym.rendering import text_frame
 from textgym.tasks.recall import RecallGame
 from textgym.tiny import save_tiny_lm
 
@@ -123,6 +124,15 @@ def test_vectorised_envs_get_their_own_game(chat_lm):
     env = make_vec_env(DialogueEnv, n_envs=2, seed=0, env_kwargs=env_kwargs(chat_lm, game=game))
     games = [e.unwrapped.game for e in env.envs]
     assert games[0] is not games[1] and game not in games
+
+
+def test_rgb_array_frame_draws_the_ansi_text(chat_lm):
+    ansi, rgb = (DialogueEnv(**env_kwargs(chat_lm, render_mode=mode)) for mode in ("ansi", "rgb_array"))
+    for env in (ansi, rgb):
+        env.reset(seed=0)
+        env.step(5)
+    frame = rgb.render()
+    assert frame.shape == (360, 640, 3) and np.array_equal(frame, text_frame(ansi.render()))
 
 
 def make_ppo(lm: str, n_envs: int = 3, **kwargs) -> PPO:
