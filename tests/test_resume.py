@@ -62,9 +62,10 @@ def make_model(env_setup, **policy_kwargs):
     return PPO(TransformerPolicy, make_env(env_setup), seed=0, **kwargs)
 
 
-def kl_callback() -> KLPenaltyCallback:
+def kl_callback(reference_model: str | None = None) -> KLPenaltyCallback:
     # Target far above the KL of these runs: beta moves by the clipped -20 % x episodes / horizon every rollout.
-    return KLPenaltyCallback(AdaptiveKLController(init_kl_coef=0.5, target=100.0, horizon=8))
+    return KLPenaltyCallback(AdaptiveKLController(init_kl_coef=0.5, target=100.0, horizon=8),
+                             reference_model=reference_model)
 
 
 def monitor_episodes(model) -> list[list[tuple[float, int]]]:
@@ -334,7 +335,14 @@ def test_episode_state_round_trip_and_checks(make_tiny_env, chat_lm):
 def test_group_relative_and_nlpo_runs_resume_exactly(algorithm, sabotage, tiny_env_kwargs, tmp_path, monkeypatch):
     """RLOO keeps the returns of the episodes a rollout cut (with the KL penalties already in them);
     NLPO keeps its rollout count (refreshes at rollouts 0 and 3, interrupted after 2) and its masking
-    LM as last refreshed. Sabotage: without the algorithm's state the resumed run differs."""
+    LM as last refreshed. Sabotage: without the algorithm's state the resumed run differs.
+
+    RLOO's premises are built: an episode cut by the rollout boundary (without stop tokens every
+    episode is 4 steps, conftest.MAX_NEW_TOKENS, so each env's rollout of 5 steps ends inside an
+    episode whatever tokens are sampled), and cut episodes whose carried returns differ within
+    their group (RLOO's advantages only see differences): the KL reference is another random LM,
+    so every token's penalty is of order one from the first step, where a reference equal to the
+    untrained policy gives penalties of 1e-7, below the comparison's tolerance."""
     from sb3_contrib import MaskablePPO
 
     from agents import MaskableTransformerPolicy, NLPOCallback, group_ppo_kwargs, nlpo_kwargs
@@ -342,13 +350,16 @@ def test_group_relative_and_nlpo_runs_resume_exactly(algorithm, sabotage, tiny_e
     from textgym.vec_env import GroupedPrompts
 
     def make_env(seed=0):
-        env = make_vec_env("TextGen-v0", n_envs=N_ENVS, seed=seed, env_kwargs=tiny_env_kwargs)
-        return GroupedPrompts(env, N_ENVS) if algorithm == "rloo" else env
+        if algorithm == "rloo":
+            env_kwargs = {**tiny_env_kwargs, "eos_token_id": None}  # fixed-length episodes: see the docstring
+            return GroupedPrompts(make_vec_env("TextGen-v0", n_envs=N_ENVS, seed=seed, env_kwargs=env_kwargs), N_ENVS)
+        return make_vec_env("TextGen-v0", n_envs=N_ENVS, seed=seed, env_kwargs=tiny_env_kwargs)
 
-    kwargs = {**PPO_KWARGS, "policy_kwargs": {}}
+    kwargs, reference = {**PPO_KWARGS, "policy_kwargs": {}}, None
     if algorithm == "rloo":
         algo, make = PPO, lambda: PPO(TransformerPolicy, make_env(), seed=0, **group_ppo_kwargs("rloo", **kwargs))
         learn_kwargs, callbacks = {}, lambda kl: [kl]
+        reference = str(save_tiny_lm(tmp_path / "reference", seed=1))
     else:
         kwargs["policy_kwargs"] = dict(top_p=0.8, target_update_iterations=3)
         algo, make = MaskablePPO, lambda: MaskablePPO(MaskableTransformerPolicy, make_env(), seed=0, **nlpo_kwargs(**kwargs))
@@ -356,18 +367,19 @@ def test_group_relative_and_nlpo_runs_resume_exactly(algorithm, sabotage, tiny_e
     if sabotage:
         monkeypatch.setattr(resume_module, "_set_algorithm_state", lambda model, state, path: None)
 
-    kl_a = kl_callback()
+    kl_a = kl_callback(reference)
     uninterrupted = make()
     uninterrupted.learn(4 * ROLLOUT, callback=callbacks(kl_a), **learn_kwargs)
     first_half = make()
-    first_half.learn(2 * ROLLOUT, callback=callbacks(kl_callback()), **learn_kwargs)
-    if algorithm == "rloo":
-        assert first_half.rollout_buffer._carry_out.any()  # the cut episodes carry penalties into rollout 3
+    first_half.learn(2 * ROLLOUT, callback=callbacks(kl_callback(reference)), **learn_kwargs)
+    if algorithm == "rloo":  # the premises (docstring): penalties carried into rollout 3, unequal within the group
+        carried = first_half.rollout_buffer._carry_out
+        assert carried.all() and np.ptp(carried) > 1e-3, carried
     first_half.save(tmp_path / "run.zip")
     save_training_state(first_half, tmp_path / "run_state.pkl")
     resumed = algo.load(tmp_path / "run.zip", env=make_env(seed=123))
     load_training_state(resumed, tmp_path / "run_state.pkl")
-    kl_b = kl_callback()
+    kl_b = kl_callback(reference)
     resumed.learn(2 * ROLLOUT, callback=callbacks(kl_b), reset_num_timesteps=False, **learn_kwargs)
     if sabotage:
         with pytest.raises(AssertionError):
