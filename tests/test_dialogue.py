@@ -14,6 +14,7 @@ from agents import TransformerPolicy, evaluate_against_reference, text_ppo_kwarg
 from agents import kv_cache as kv_cache_module
 from agents.kl import reference_log_probs
 from agents.kv_cache import appended_tokens
+from tests.conftest import TEST_SEED
 from textgym.chat import render_chat
 from textgym.dialogue import DialogueEnv, DialogueGame
 from textgym.rendering import text_frame
@@ -209,7 +210,8 @@ def test_evaluation_counts_the_agents_tokens_only(chat_lm):
     assert results["reference"].kl_mean == 0.0
 
 
-def test_ppo_learns_to_read_the_games_answer(chat_lm):
+@pytest.mark.learning
+def test_ppo_learns_to_read_the_games_answer(chat_lm, record_property):
     """RecallGame: ignoring the game's answer earns at most 0.5; a tiny model must read it to pass 0.8.
 
     Measured (seeds 0-3, 16,000 steps, ~15 s each on one thread): win rates 0.985, 0.99, 0.99 and
@@ -219,15 +221,15 @@ def test_ppo_learns_to_read_the_games_answer(chat_lm):
     such a change over seeds there.
     """
     kwargs = env_kwargs(chat_lm)
-    env = make_vec_env(DialogueEnv, n_envs=8, seed=0, env_kwargs=kwargs)
-    model = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(
+    env = make_vec_env(DialogueEnv, n_envs=8, seed=TEST_SEED, env_kwargs=kwargs)
+    model = PPO(TransformerPolicy, env, seed=TEST_SEED, **text_ppo_kwargs(
         n_steps=32, batch_size=64, n_epochs=4, learning_rate=3e-3, ent_coef=0.01, gamma=1.0))
 
     def win_rate(n: int = 200) -> float:
         play = DialogueEnv(**kwargs)
         wins = []
         for i in range(n):
-            obs, _ = play.reset(seed=10_000 + i)
+            obs, _ = play.reset(seed=TEST_SEED + 10_000 + i)
             done = False
             while not done:
                 action, _ = model.predict(obs)
@@ -239,5 +241,6 @@ def test_ppo_learns_to_read_the_games_answer(chat_lm):
     before = win_rate()
     model.learn(16_000)
     after = win_rate()
+    record_property("figure", after)
     assert before < 0.2
     assert after > 0.8, f"win rate {before:.3f} -> {after:.3f}; ignoring the answer gives at most 0.5"

@@ -14,7 +14,7 @@ from stable_baselines3.common.env_util import make_vec_env
 
 from agents import GroupRelativeRolloutBuffer, KLPenaltyCallback, TransformerPolicy, group_ppo_kwargs
 from textgym.vec_env import GroupedPrompts
-from tests.conftest import mean_reward
+from tests.conftest import TEST_SEED, mean_reward
 from textgym.spaces import TokenWindowSpace
 from textgym.tasks.synthetic import TASKS
 from textgym.tiny import save_tiny_lm
@@ -199,13 +199,16 @@ def test_policy_without_a_critic_has_no_value_parameters(tiny_env_kwargs, tmp_pa
         PPO(TransformerPolicy, venv, policy_kwargs=dict(critic=False, net_arch=dict(pi=[], vf=[8])))
 
 
+@pytest.mark.learning
 @pytest.mark.parametrize("baseline", ["rloo", "grpo"])
-def test_group_relative_ppo_learns_the_keyword_task(baseline):
+def test_group_relative_ppo_learns_the_keyword_task(baseline, record_property):
     """Measured (seed 0, 2,048 steps, chance 0.086): RLOO 0.094 -> 0.83, GRPO 0.094 -> 0.90."""
     keyword = TASKS["keyword"]
-    venv = GroupedPrompts(make_vec_env(keyword.gym_id, n_envs=8, seed=0), group_size=4)
-    model = PPO(TransformerPolicy, venv, seed=0, **group_ppo_kwargs(baseline, learning_rate=1e-3, batch_size=64))
+    venv = GroupedPrompts(make_vec_env(keyword.gym_id, n_envs=8, seed=TEST_SEED), group_size=4)
+    model = PPO(TransformerPolicy, venv, seed=TEST_SEED,
+                **group_ppo_kwargs(baseline, learning_rate=1e-3, batch_size=64))
     model.learn(2048)
     after = mean_reward(model)
+    record_property("figure", after)
     assert after > 0.6, f"{baseline}: {after:.3f} after 2,048 steps"
     assert model.rollout_buffer.group_stats["group/mean_size"] > 2

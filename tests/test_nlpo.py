@@ -19,7 +19,7 @@ from agents import EpisodeRolloutBuffer, KLPenaltyCallback, TransformerPolicy, t
 from agents.kv_cache import RolloutKVCache
 from agents.nlpo import (NUCLEUS_CANDIDATES, MaskableEpisodeRolloutBuffer, MaskableTransformerPolicy, NLPOCallback,
                          nlpo_kwargs, nucleus_mask)
-from tests.conftest import mean_reward
+from tests.conftest import TEST_SEED, mean_reward
 from textgym.spaces import TokenWindowSpace
 from textgym.tasks.synthetic import TASKS
 
@@ -28,19 +28,10 @@ EOS, GOOD = 2, 3  # token ids of the synthetic tasks' tiny tokenizer: <pad> <unk
 VOCAB = 10
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One torch thread (conftest sets 2): a 32-wide GPT-2 has nothing to split between threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_nlpo(n_envs: int = 8, n_steps: int = 32, wrapper_class=None, **overrides) -> MaskablePPO:
-    env = make_vec_env(KEYWORD.gym_id, n_envs=n_envs, seed=0, wrapper_class=wrapper_class)
+def make_nlpo(n_envs: int = 8, n_steps: int = 32, wrapper_class=None, seed: int = 0, **overrides) -> MaskablePPO:
+    env = make_vec_env(KEYWORD.gym_id, n_envs=n_envs, seed=seed, wrapper_class=wrapper_class)
     kwargs = {**KEYWORD.ppo_kwargs, "n_steps": n_steps, **overrides}
-    return MaskablePPO(MaskableTransformerPolicy, env, seed=0, **nlpo_kwargs(**kwargs))
+    return MaskablePPO(MaskableTransformerPolicy, env, seed=seed, **nlpo_kwargs(**kwargs))
 
 
 def record_rollout_and_update(model: MaskablePPO) -> tuple[list, list]:
@@ -72,12 +63,14 @@ def transitions(records) -> Counter:
     return rows
 
 
-def test_nlpo_learns_the_keyword_task():
+@pytest.mark.learning
+def test_nlpo_learns_the_keyword_task(record_property):
     """Measured (seed 0): 0.082 before; 1.0 after 4,096 steps (16 rollouts, 4 s on one thread); chance 0.086."""
-    model = make_nlpo(policy_kwargs=dict(top_p=0.9, target_update_iterations=4))
+    model = make_nlpo(policy_kwargs=dict(top_p=0.9, target_update_iterations=4), seed=TEST_SEED)
     before = mean_reward(model)
     model.learn(4096, callback=NLPOCallback(), use_masking=False)
     after = mean_reward(model)
+    record_property("figure", after)
     assert before < KEYWORD.chance + 0.1
     assert after > 0.9, f"NLPO: {before:.3f} -> {after:.3f}"
     assert model.policy.masking_refreshes == [0, 4, 8, 12]
