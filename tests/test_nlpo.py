@@ -289,7 +289,7 @@ def test_masking_policy_refreshes_every_n_rollouts_and_never_between_a_rollout_a
 
 
 def test_lora_masking_copy_shares_the_frozen_base_and_copies_the_adapters():
-    lora = dict(r=4, lora_alpha=8, target_modules=["c_attn"])
+    lora = dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
     model = make_nlpo(n_envs=2, n_steps=8, policy_kwargs=dict(lora_config=lora, target_update_iterations=2))
     policy = model.policy
     params = dict(policy.lm.named_parameters())

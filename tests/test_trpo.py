@@ -47,7 +47,7 @@ def test_fused_attention_would_break_trpos_second_derivative(monkeypatch):
 
 
 def test_trpo_with_lora_moves_only_adapters_and_value_head():
-    model = make_trpo(n_envs=2, lora_config=dict(r=4, lora_alpha=8, target_modules=["c_attn"]))
+    model = make_trpo(n_envs=2, lora_config=dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True))
     policy = model.policy
     frozen = {n for n, p in policy.lm.named_parameters() if not p.requires_grad}
     assert frozen and not frozen & {n.removeprefix("features_extractor.lm.") for n, _ in policy.named_parameters()}
@@ -80,7 +80,8 @@ def test_transformer_trpo_takes_upstreams_actor_gradients_in_one_backward_pass(l
     """TransformerTRPO's one-call gradients equal sb3-contrib's per-parameter ones, entry for entry."""
     from agents.trpo import TransformerTRPO
 
-    lora_kwargs = dict(lora_config=dict(r=4, lora_alpha=8, target_modules=["c_attn"])) if lora else {}
+    lora_config = dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+    lora_kwargs = dict(lora_config=lora_config) if lora else {}
     model = TransformerTRPO(TransformerPolicy, make_vec_env(KEYWORD.gym_id, n_envs=2, seed=0), seed=0, n_steps=8,
                             batch_size=16, gamma=1.0, rollout_buffer_class=EpisodeRolloutBuffer, policy_kwargs=lora_kwargs)
     calls = []
