@@ -44,11 +44,14 @@ def chat_lm(tmp_path_factory) -> str:
 
 @pytest.fixture(params=["TextGen-v0", "TextGen-Dialogue-v0"])
 def env_setup(request, tiny_env_kwargs, chat_lm) -> tuple[str, dict]:
-    """(env id, env kwargs): single-turn generation, and a two-turn game whose state lives in the game."""
+    """(env id, env kwargs): single-turn generation, and a two-turn game whose state lives in the game.
+
+    Both without stop tokens, so every episode is 4 steps (4 tokens; two replies of 2) whatever is
+    sampled, and an interruption after 2 rollouts (10 steps per env) is 2 steps into an episode."""
     if request.param == "TextGen-v0":
-        return request.param, tiny_env_kwargs
+        return request.param, {**tiny_env_kwargs, "eos_token_id": None}
     return request.param, dict(game=RecallGame(), model_name_or_path=chat_lm, max_prompt_tokens=8,
-                               max_context_tokens=16, max_reply_tokens=2)
+                               max_context_tokens=16, max_reply_tokens=2, eos_token_id=None)
 
 
 def make_env(env_setup, seed=0):
@@ -93,10 +96,11 @@ def assert_same_run(a, b, kl_a, kl_b):
 
 
 def assert_mid_episode(model):
-    """The interruption cuts an episode: some env holds generated tokens of an unfinished episode."""
+    """The premise, built by fixed-length episodes (``eos_token_id=None``, see ``env_setup``): the
+    interruption cuts an episode in every env, which holds generated tokens of an unfinished episode."""
     states = [env.unwrapped.get_episode_state() for env in model.get_env().envs]
     tokens = [len(s.get("generated", s.get("context", []))) for s in states]
-    assert any(n > 0 and not s["done"] for n, s in zip(tokens, states)), states
+    assert all(n > 0 and not s["done"] for n, s in zip(tokens, states)), states
 
 
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(env_setup, tmp_path):
@@ -120,12 +124,13 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(env_setup, tmp
 
 
 def test_bfloat16_run_resumes_exactly_with_its_float32_master_weights(tiny_env_kwargs, tmp_path):
-    setup = ("TextGen-v0", tiny_env_kwargs)
+    setup = ("TextGen-v0", {**tiny_env_kwargs, "eos_token_id": None})  # 4-step episodes: cut at 10 steps
     kl_a = kl_callback()
     uninterrupted = make_model(setup, dtype=torch.bfloat16)
     uninterrupted.learn(4 * ROLLOUT, callback=kl_a)
     first_half = make_model(setup, dtype=torch.bfloat16)
     first_half.learn(2 * ROLLOUT, callback=kl_callback())
+    assert_mid_episode(first_half)
     first_half.save(tmp_path / "run.zip")
     save_training_state(first_half, tmp_path / "run_state.pkl")
     masters = [m.clone() for p, m in first_half.policy.master_weights.pairs if p is not m]
@@ -160,8 +165,9 @@ def test_without_the_training_state_the_resumed_run_differs(tiny_env_kwargs, tmp
 
 
 def test_rolling_checkpoints_with_training_state_resume_exactly(tiny_env_kwargs, tmp_path):
-    """The realistic interruption: a run checkpointed during learn(4 rollouts), resumed from its middle."""
-    setup = ("TextGen-v0", tiny_env_kwargs)
+    """The realistic interruption: a run checkpointed during learn(4 rollouts), resumed from its middle
+    (4-step episodes, so the checkpoint at 10 steps per env is inside an episode in both envs)."""
+    setup = ("TextGen-v0", {**tiny_env_kwargs, "eos_token_id": None})
     kl_a = kl_callback()
     uninterrupted = make_model(setup)
     checkpoints = RollingCheckpointCallback(save_freq=N_STEPS + 1, save_path=str(tmp_path), keep_last=None,
@@ -174,6 +180,7 @@ def test_rolling_checkpoints_with_training_state_resume_exactly(tiny_env_kwargs,
 
     resumed = PPO.load(tmp_path / "rl_model_20_steps.zip", env=make_env(setup))
     load_training_state(resumed, tmp_path / "rl_model_training_state_20_steps.pkl")
+    assert_mid_episode(resumed)
     kl_b = kl_callback()
     resumed.learn(4 * ROLLOUT - resumed.num_timesteps, callback=kl_b, reset_num_timesteps=False)
     assert_same_run(uninterrupted, resumed, kl_a, kl_b)
@@ -214,6 +221,7 @@ def test_kl_callback_adopts_the_saved_controller_only_when_the_count_continues(t
     model = make_model(("TextGen-v0", tiny_env_kwargs))
     first = kl_callback()
     model.learn(ROLLOUT, callback=first)
+    # beta moved: episodes of at most 4 tokens end within the 5-step rollout, whatever is sampled
     assert model.kl_controller is first.controller and first.controller.value < 0.5
     model.save(tmp_path / "run.zip")
     loaded = PPO.load(tmp_path / "run.zip", env=model.get_env())

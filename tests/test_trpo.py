@@ -18,8 +18,8 @@ from textgym.tasks.synthetic import TASKS
 KEYWORD = TASKS["keyword"]
 
 
-def make_trpo(n_envs: int = 8, seed: int = 0, **policy_kwargs) -> TRPO:
-    env = make_vec_env(KEYWORD.gym_id, n_envs=n_envs, seed=seed)
+def make_trpo(n_envs: int = 8, seed: int = 0, env_kwargs: dict | None = None, **policy_kwargs) -> TRPO:
+    env = make_vec_env(KEYWORD.gym_id, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs)
     return TRPO(TransformerPolicy, env, seed=seed, n_steps=32, batch_size=64, gamma=1.0, target_kl=0.05,
                 learning_rate=1e-3, rollout_buffer_class=EpisodeRolloutBuffer, policy_kwargs=policy_kwargs)
 
@@ -60,10 +60,15 @@ def test_trpo_with_lora_moves_only_adapters_and_value_head():
 
 
 def test_grouped_distribution_and_values_equal_per_observation():
-    model = make_trpo(n_envs=2)
+    from agents.prefix_sharing import covering_rows
+
+    model = make_trpo(n_envs=2, env_kwargs=dict(eos_token_id=None))  # 4-token episodes, whatever is sampled
     model.learn(64)
     batch = next(model.rollout_buffer.get(batch_size=None))
     policy = model.policy
+    # The premise, built: 64 rows in 16 episodes of 4, so the grouped forward really groups.
+    obs = batch.observations
+    assert len(torch.unique(covering_rows(obs["input_ids"], obs["attention_mask"]))) <= 16
     results = {}
     for grouped in (True, False):
         policy.share_prefix_forward = grouped
