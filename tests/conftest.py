@@ -1,6 +1,9 @@
-"""Shared fixtures: a tiny random GPT-2 with a word-level tokenizer, and envs built on it."""
+"""Shared fixtures: a tiny random GPT-2 with a word-level tokenizer, and envs built on it; the suite's
+seed and thread count."""
 
 from __future__ import annotations
+
+import os
 
 import gymnasium as gym
 import pytest
@@ -10,7 +13,28 @@ import textgym  # noqa: F401  (registers TextGen-v0)
 from textgym.tasks.synthetic import KeywordReward
 from textgym.tiny import save_tiny_lm
 
-torch.set_num_threads(2)
+TEST_THREADS = 1
+"""Torch threads for the whole suite. A 32-wide GPT-2 has nothing to split between threads, and
+when another process keeps the second core busy, a second OpenMP thread waits for it: 1,024 PPO
+steps took 0.96 s with one thread and 39-68 s with two on the 2-core development machine. One
+thread also fixes the order of every float reduction, so a seed gives the same run whatever the
+machine's core count. Tests of the real assets take more (``real_asset_threads`` there)."""
+
+torch.set_num_threads(TEST_THREADS)
+
+
+def _test_seed() -> int:
+    value = os.environ.get("TEXTGYM_TEST_SEED", "0")
+    try:
+        return int(value)
+    except ValueError:
+        raise pytest.UsageError(f"TEXTGYM_TEST_SEED must be an integer, got {value!r}; unset it for the default 0") from None
+
+
+TEST_SEED = _test_seed()
+"""Base seed of every test marked ``learning`` (``TEXTGYM_TEST_SEED``, default 0); each test adds
+its own offsets. ``benchmarks/seed_sweep.py`` runs those tests over many values of it: a learning
+test must pass for any of them."""
 
 PROMPTS = ["the movie was", "a film is", "one two", "the film was very"]
 KEYWORD = "good"

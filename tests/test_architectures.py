@@ -71,10 +71,9 @@ from transformers import (
 )
 
 from agents import TransformerPolicy, text_ppo_kwargs
-from agents.policy.kv_cache import appended_tokens
 from agents.policy.prefix_sharing import covering_rows
 from tests.conftest import PROMPTS, keyword_reward
-from tests.test_kv_cache import random_walk
+from tests.test_kv_cache import STAGGERED, mixed_steps, random_walk
 from textgym.tiny import save_tiny_causal_lm, tiny_tokenizer
 
 EOS = 2  # the tiny tokenizer's <eos>
@@ -186,24 +185,22 @@ def test_cached_rollout_features_equal_a_full_forward(arch):
     model, _ = arch
     policy, cache = model.policy, model.policy.rollout_cache
     policy.set_training_mode(False)
-    mixed_steps, previous = 0, None
-    for obs in random_walk(model.env, steps=14, eos_probability=0.3):
+    walk = list(random_walk(model.env, steps=14, lengths=STAGGERED))  # episodes of 1, 2 and 3 tokens
+    for obs in walk:
         with torch.no_grad():
             torch.testing.assert_close(cache.features(obs["input_ids"], obs["attention_mask"]),
                                        policy.extract_features(obs), rtol=0, atol=ATOL)
-        if previous is not None:
-            continuing = appended_tokens(previous["input_ids"], previous["attention_mask"],
-                                         obs["input_ids"], obs["attention_mask"]) == 1
-            mixed_steps += bool(continuing.any() and not continuing.all())
-        previous = obs
-    assert mixed_steps >= 2  # both paths (one-token steps and re-encoded rows) in one call
+    # Both paths (one-token steps and re-encoded rows) in one call: in all 13 steps after the first
+    # but the two where the three envs restart together (every lcm(1, 2, 3) = 6 steps).
+    assert mixed_steps(walk) == 11
 
 
 def test_grouped_update_equals_per_transition(arch):
     """(c) One forward per episode gives the per-transition values, log-probs, entropies and gradients."""
     model, _ = arch
     policy = model.policy
-    steps = list(random_walk(model.env, steps=8, seed=1, eos_probability=0.3))
+    # Episodes of 2 and 3 tokens and one truncated at 6: 9 episodes in these 24 rows, by construction.
+    steps = list(random_walk(model.env, steps=8, seed=1, lengths=(2, 3, 7)))
     obs = {k: torch.cat([o[k] for o in steps]) for k in ("input_ids", "attention_mask")}
     actions = torch.as_tensor(np.random.default_rng(0).integers(0, model.action_space.n, len(obs["input_ids"])))
     assert len(torch.unique(covering_rows(obs["input_ids"], obs["attention_mask"]))) < len(actions) / 2

@@ -61,14 +61,19 @@ def test_batched_scoring_gives_the_same_rewards_in_fewer_calls(tiny_env_kwargs):
 
 
 def test_ppo_trains_the_same_with_batched_scoring(tiny_env_kwargs):
-    results = []
+    """No stop token: both envs end their 4-token episodes in the same steps, so the batched run
+    really scores two completions per call (asserted), whatever is sampled."""
+    results, rewards = [], []
     for wrap in (False, True):
-        venv = make_envs(tiny_env_kwargs, CountingReward(), n_envs=2)
+        rewards.append(CountingReward())
+        venv = make_envs({**tiny_env_kwargs, "eos_token_id": None}, rewards[-1], n_envs=2)
         model = PPO(TransformerPolicy, BatchedRewards(venv) if wrap else venv, seed=0,
                     **text_ppo_kwargs(n_steps=16, batch_size=16, learning_rate=1e-3))
         model.learn(64)
         results.append(([e["r"] for e in model.ep_info_buffer], model.policy.value_net.weight.detach().clone()))
-    assert results[0][0] == results[1][0] and len(results[0][0]) >= 8
+    construction_calls = 2
+    assert rewards[0].batch_sizes[construction_calls:] == [1] * 16 and rewards[1].batch_sizes[construction_calls:] == [2] * 8
+    assert results[0][0] == results[1][0] and len(results[0][0]) == 16
     assert np.array_equal(results[0][1].numpy(), results[1][1].numpy())
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import TEST_SEED
 from textgym.tasks.synthetic import TASKS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "compare_baselines.py"
@@ -55,7 +56,8 @@ def quick_run(tmp_path_factory):
     """Run ``python examples/compare_baselines.py --quick`` once: (out dir, stdout, results.json)."""
     out = tmp_path_factory.mktemp("compare_baselines")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TEXTGYM_CACHE": str(out / "textgym_cache")}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], env=env,
+    seeds = [str(TEST_SEED), str(TEST_SEED + 1)]
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--seeds", *seeds, "--out", str(out)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return out, proc.stdout, json.loads((out / "results.json").read_text())
@@ -71,24 +73,28 @@ def last_training_return(out: Path, name: str, seed: int) -> float:
     return float(np.mean(returns[-LAST_EPISODES:]))
 
 
-def assert_every_seed_reaches(quick_run, name: str, threshold: float, baseline: str) -> None:
-    """Seeds 0 and 1 of ``name`` reach ``threshold`` both in evaluation and over their last training episodes."""
+def assert_every_seed_reaches(quick_run, record_property, name: str, threshold: float, baseline: str) -> None:
+    """Both seeds of ``name`` (``TEST_SEED`` and the next) reach ``threshold`` both in evaluation and over
+    their last training episodes; records the lowest of the four figures."""
     out, _, results = quick_run
     evaluation = scores(results, name)
-    assert sorted(evaluation) == [0, 1]
+    assert sorted(evaluation) == [TEST_SEED, TEST_SEED + 1]
     training = {seed: last_training_return(out, name, seed) for seed in evaluation}
+    record_property("figure", min(*evaluation.values(), *training.values()))
     assert min(evaluation.values()) >= threshold, f"{name} quick evaluation: {evaluation} < {threshold:.3f} ({baseline})"
     assert min(training.values()) >= threshold, f"{name} quick training: {training} < {threshold:.3f} ({baseline})"
 
 
-def test_quick_cartpole_learns(quick_run):
-    assert_every_seed_reaches(quick_run, "CartPole-v1", CARTPOLE_MIN, f"random ~{CARTPOLE_RANDOM}")
+@pytest.mark.learning
+def test_quick_cartpole_learns(quick_run, record_property):
+    assert_every_seed_reaches(quick_run, record_property, "CartPole-v1", CARTPOLE_MIN, f"random ~{CARTPOLE_RANDOM}")
 
 
-def test_quick_keyword_learns(quick_run):
+@pytest.mark.learning
+def test_quick_keyword_learns(quick_run, record_property):
     task = TASKS["keyword"]
     threshold = task.chance + MIN_GAP_CLOSED * (task.optimum - task.chance)
-    assert_every_seed_reaches(quick_run, "keyword", threshold, f"chance {task.chance}")
+    assert_every_seed_reaches(quick_run, record_property, "keyword", threshold, f"chance {task.chance}")
 
 
 def test_quick_writes_table_plots_and_logs(quick_run):
@@ -111,7 +117,7 @@ def test_quick_writes_table_plots_and_logs(quick_run):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(data) < 200_000, name
     runs = sorted(p.name for p in (out / "tensorboard").iterdir())
-    assert runs == ["CartPole-v1_seed0_1", "CartPole-v1_seed1_1", "keyword_seed0_1", "keyword_seed1_1"]
+    assert runs == sorted(f"{name}_seed{seed}_1" for name in ("CartPole-v1", "keyword") for seed in (TEST_SEED, TEST_SEED + 1))
     assert all(any(p.name.startswith("events.out.tfevents") for p in (out / "tensorboard" / r).iterdir()) for r in runs)
 
 

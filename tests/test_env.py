@@ -13,6 +13,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from stable_baselines3.common.env_util import make_vec_env
 
 from tests.conftest import KEYWORD, PROMPTS
+from textgym.rendering import text_frame
 
 EOS, GOOD, BAD = 2, 3, 4
 
@@ -85,6 +86,25 @@ def test_human_render_mode_prints_each_finished_episode(make_tiny_env, capsys):
     assert capsys.readouterr().out == "one two good good  [reward +0.500]\n"
 
 
+def test_rgb_array_frames_draw_the_text_and_make_vec_env_warns_nothing(tiny_env_kwargs):
+    # SB3's make_vec_env asks every env for render_mode="rgb_array"; Gymnasium warns if the env lacks it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vec_env = make_vec_env("TextGen-v0", n_envs=1, seed=0, env_kwargs=tiny_env_kwargs)
+    env = vec_env.envs[0].unwrapped
+    assert env.render_mode == "rgb_array"
+    env.reset(options={"prompt": "one two"})
+    before = env.render()
+    env.step(GOOD)
+    after = env.render()
+    assert before.shape == after.shape == (360, 640, 3) and before.dtype == np.uint8
+    assert (before < 128).any() and (before != after).any()  # text drawn; the new token changed the frame
+    blank = text_frame("")
+    assert (blank == 255).all() and not np.array_equal(text_frame("one two"), text_frame("two one"))
+    with pytest.raises(ValueError, match="positive"):
+        text_frame("x", height=0)
+
+
 def test_works_in_sb3_vec_env(tiny_env_kwargs):
     vec_env = make_vec_env("TextGen-v0", n_envs=3, seed=1, env_kwargs=tiny_env_kwargs)
     obs = vec_env.reset()
@@ -121,7 +141,8 @@ def test_dataset_like_prompt_source(make_tiny_env):
         ({"reward_model": lambda p, c: [1.0, 2.0]}, ValueError, "one float per completion"),
         ({"reward_model": lambda p, c: [math.nan]}, ValueError, "non-finite"),
         ({"reward_model": 3}, TypeError, "callable"),
-        ({"render_mode": "video"}, TypeError, "render_mode"),
+        pytest.param({"render_mode": "video"}, TypeError, "render_mode",  # gym.make warns first, as it should
+                     marks=pytest.mark.filterwarnings("ignore:.*not in the possible render_modes")),
     ],
 )
 def test_bad_construction_fails_early_and_clearly(make_tiny_env, kwargs, error, match):

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from agents import TransformerPolicy, evaluate_against_reference, text_ppo_kwargs
 from agents.training.evaluation import distinct_n, markdown_table
 from tests.conftest import keyword_reward
+from tests.scripted import script_stops
 from textgym.env import load_tokenizer
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
@@ -138,22 +139,30 @@ def test_reward_components_get_a_column_with_mean_and_standard_error(tiny_env_kw
     assert rows[1].split(" | ")[2] == f"{trained[0]:.3f} ± {trained[1]:.3f}"
 
 
-def test_cached_sampler_draws_from_the_uncached_policy(tiny_env_kwargs):
-    """Log-probs of the actions the KV-cached sampler drew equal the uncached policy's (same distribution)."""
+def test_cached_sampler_draws_from_the_uncached_policy(tiny_env_kwargs, monkeypatch):
+    """Log-probs of the actions the KV-cached sampler drew equal the uncached policy's (same distribution).
+
+    Staggered episode ends are built: each episode stops as its k-th token for a k-token prompt
+    (tests.scripted; the prompts have 2, 3 and 4 tokens), so in some step an env starts a new
+    episode (a re-encoded row) while another continues (a cached step), whatever is sampled."""
     from agents.training.evaluation import CachedSampler
 
     model = make_model(tiny_env_kwargs)
     model.learn(32)  # trained weights, not the initial ones
     policy = model.policy
+    script_stops(monkeypatch, policy)
     env = make_vec_env("TextGen-v0", n_envs=3, seed=1, env_kwargs=tiny_env_kwargs)
     sampler = CachedSampler(policy)
-    obs, observations, actions = env.reset(), [], []
+    obs, observations, actions, dones = env.reset(), [], [], []
     for _ in range(15):  # several episodes per env, staggered ends
         action, _ = sampler.predict(obs)
         observations.append(obs)
         actions.append(action)
-        obs, _, _, _ = env.step(action)
+        obs, _, done, _ = env.step(action)
+        dones.append(done)
     assert policy.rollout_cache.layers is not None  # the cache served these steps
+    dones = np.array(dones[:-1])  # the premise: some step re-encodes a row while another row continues
+    assert (dones.any(1) & ~dones.all(1)).any(), dones
     batch = {k: torch.as_tensor(np.concatenate([o[k] for o in observations])) for k in ("input_ids", "attention_mask")}
     policy.share_prefix_forward = False  # SB3's own per-observation forward: the direct computation
     with torch.no_grad():
@@ -171,20 +180,27 @@ def test_cached_evaluation_of_the_reference_itself_gives_zero_kl(tiny_env_kwargs
 
 
 def staggered(env_kwargs) -> dict:
-    """Tiny TextGen arguments whose greedy episodes end at different steps: half the words stop a generation."""
-    from textgym.env import load_tokenizer
-
-    vocab = len(load_tokenizer(env_kwargs["model_name_or_path"]))
-    return {**env_kwargs, "max_new_tokens": 6, "eos_token_id": list(range(2, vocab, 2))}
+    """Tiny TextGen arguments with a 6-token generation limit, for episodes staggered by ``script_stops``."""
+    return {**env_kwargs, "max_new_tokens": 6}
 
 
-def test_waves_draw_the_episodes_of_evaluate_policy(tiny_env_kwargs):
+def assert_staggered(episodes) -> None:
+    """The premise the script built: each episode is as long as its prompt (2, 3 or 4 tokens), and
+    the episodes drawn end at different steps."""
+    assert all(len(e["actions"]) == len(e["prompt"].split()) for e in episodes)
+    assert len({len(e["actions"]) for e in episodes}) > 1  # episodes ended at different steps
+
+
+def test_waves_draw_the_episodes_of_evaluate_policy(tiny_env_kwargs, monkeypatch):
     """Greedy decoding: the KV-cached waves give exactly the episodes of SB3's evaluate_policy + predict
-    (same prompts per env, same tokens, same rewards), with 7 episodes split unevenly over 3 envs."""
+    (same prompts per env, same tokens, same rewards), with 7 episodes split unevenly over 3 envs.
+    Episodes end at different steps by construction: greedy among the non-stop tokens, then EOS
+    as the k-th token after a k-token prompt (tests.scripted), whatever the trained weights."""
     from agents.training.evaluation import _wave_envs, sample_episodes
 
     model = make_model(staggered(tiny_env_kwargs))
     model.learn(32)
+    script_stops(monkeypatch, model.policy)
     env = make_vec_env("TextGen-v0", n_envs=3, seed=4, env_kwargs=staggered(tiny_env_kwargs))
     assert _wave_envs(env) is not None  # the waves, not the evaluate_policy fallback
     runs = {}
@@ -196,26 +212,28 @@ def test_waves_draw_the_episodes_of_evaluate_policy(tiny_env_kwargs):
         return episode["prompt"], tuple(episode["actions"]), episode["reward"]
 
     assert len(runs[True]) == 7 and sorted(map(key, runs[True])) == sorted(map(key, runs[False]))
-    assert len({len(e["actions"]) for e in runs[True]}) > 1  # episodes ended at different steps
+    assert_staggered(runs[True])
     assert len({e["prompt"] for e in runs[True]}) > 1
 
 
 def test_waves_sample_from_the_uncached_policy(tiny_env_kwargs, monkeypatch):
     """Sampling in waves: each drawn token's log-prob equals SB3's own uncached per-observation forward,
-    and the prompts are encoded once per wave, in one batch."""
-    from agents.policy.kv_cache import RolloutKVCache
+    and the prompts are encoded once per wave, in one batch. Staggered ends (rows leave a wave
+    while others go on) are built by ``script_stops``, as above."""
     from agents.training.evaluation import sample_episodes
+    from agents.policy.kv_cache import RolloutKVCache
 
     model = make_model(staggered(tiny_env_kwargs))
     model.learn(32)
     policy = model.policy
+    script_stops(monkeypatch, policy)
     encoded = []
     real_encode = RolloutKVCache._encode
     monkeypatch.setattr(RolloutKVCache, "_encode", lambda self, rows, *a: encoded.append(len(rows)) or
                         real_encode(self, rows, *a))
     episodes = sample_episodes(policy, make_vec_env("TextGen-v0", n_envs=3, seed=4,
                                                     env_kwargs=staggered(tiny_env_kwargs)), 12)
-    assert len({len(e["actions"]) for e in episodes}) > 1
+    assert_staggered(episodes)
     assert encoded == [3, 3, 3, 3]  # 4 waves of 3 episodes; between them, rows only took cached steps
     batch = {k: torch.as_tensor(np.stack([o[k] for e in episodes for o in e["obs"]])) for k in ("input_ids", "attention_mask")}
     actions = torch.as_tensor([a for e in episodes for a in e["actions"]])

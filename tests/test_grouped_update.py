@@ -14,6 +14,7 @@ from agents.algorithms.buffers import storage_dtype
 from textgym.spaces import TokenWindowSpace
 from agents.policy import prefix_sharing
 from agents.policy.prefix_sharing import covering_rows
+from tests.scripted import script_stops
 
 
 def test_covering_rows_picks_the_longest_extension_with_the_same_start():
@@ -32,18 +33,33 @@ def test_covering_rows_picks_the_longest_extension_with_the_same_start():
     assert covering_rows(ids, mask, chunk=2).tolist() == [2, 2, 2, 3, 4, 2]
 
 
-def collect(env_kwargs, buffer_class=EpisodeRolloutBuffer, n_envs=3, n_steps=10):
+def collect(env_kwargs, buffer_class=EpisodeRolloutBuffer, n_envs=3, n_steps=10, monkeypatch=None):
+    """One rollout (and one update). With ``monkeypatch``, episode lengths are scripted: each episode
+    stops as its (k + 1)-th token after a k-token prompt (3, 4 or 5 tokens; 5 is cut at 4 when
+    ``max_new_tokens`` is 4), so episodes of different lengths, most of several steps, are built."""
     env = make_vec_env("TextGen-v0", n_envs=n_envs, seed=0, env_kwargs=env_kwargs)
     model = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=n_steps, batch_size=8,
                                                                  rollout_buffer_class=buffer_class))
-    model.learn(n_steps * n_envs)  # one rollout (and one update)
+    if monkeypatch is not None:
+        script_stops(monkeypatch, model.policy, stop_at=lambda prompt: len(prompt) + 1)
+    model.learn(n_steps * n_envs)
     return model
 
 
-def test_grouped_values_log_probs_entropy_and_gradients_equal_per_transition(tiny_env_kwargs):
-    model = collect({**tiny_env_kwargs, "max_new_tokens": 5})
+def segment_lengths(buffer) -> list[int]:
+    """Lengths of the buffer's episode segments (after ``get``), in its flattened order."""
+    bounds = [*buffer._segment_starts, buffer.buffer_size * buffer.n_envs]
+    return [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def test_grouped_values_log_probs_entropy_and_gradients_equal_per_transition(tiny_env_kwargs, monkeypatch):
+    model = collect({**tiny_env_kwargs, "max_new_tokens": 5}, monkeypatch=monkeypatch)
     policy = model.policy
     batch = next(model.rollout_buffer.get(batch_size=None))
+    # The premise, built: episodes of 3 to 5 steps, so grouping really shares forwards (at most 4
+    # segments in an env's 10 rows, 12 of the 30) over rows of different lengths.
+    lengths = segment_lengths(model.rollout_buffer)
+    assert len(lengths) <= 12 and len(set(lengths)) > 1, lengths
     actions = batch.actions.long().flatten()
     results = {}
     for grouped in (True, False):
@@ -62,7 +78,7 @@ def test_grouped_values_log_probs_entropy_and_gradients_equal_per_transition(tin
 
 
 def test_grouped_forward_runs_one_sequence_per_episode(tiny_env_kwargs, monkeypatch):
-    model = collect(tiny_env_kwargs)
+    model = collect(tiny_env_kwargs, monkeypatch=monkeypatch)
     rows_seen = []
     original = prefix_sharing.lm_hidden_states
     monkeypatch.setattr(prefix_sharing, "lm_hidden_states",
@@ -72,11 +88,11 @@ def test_grouped_forward_runs_one_sequence_per_episode(tiny_env_kwargs, monkeypa
         model.policy.evaluate_actions(batch.observations, batch.actions.long().flatten())
     segments = len(model.rollout_buffer._segment_starts)
     assert rows_seen == [segments]
-    assert segments < len(batch.actions) / 2
+    assert segments < len(batch.actions) / 2  # built: episodes of 3 or 4 steps, at most 12 segments of 30 rows
 
 
-def test_buffer_yields_every_transition_once_in_whole_episode_segments(tiny_env_kwargs):
-    buffer = collect(tiny_env_kwargs, n_envs=2, n_steps=12).rollout_buffer
+def test_buffer_yields_every_transition_once_in_whole_episode_segments(tiny_env_kwargs, monkeypatch):
+    buffer = collect(tiny_env_kwargs, n_envs=2, n_steps=12, monkeypatch=monkeypatch).rollout_buffer
     batches = []
     original = buffer._get_samples
     buffer._get_samples = lambda inds, env=None: batches.append(inds) or original(inds)
@@ -89,6 +105,9 @@ def test_buffer_yields_every_transition_once_in_whole_episode_segments(tiny_env_
         batch_of[inds] = k
     generated = buffer.observations["attention_mask"][:, 5:].sum(1)  # flattened: env-major order
     bounds = [*buffer._segment_starts, total]
+    # The premise, built by scripted episodes of 3 and 4 steps: slicing the rollout every 8 rows
+    # would split a segment, so keeping segments whole is the buffer's work.
+    assert any(lo // 8 != (hi - 1) // 8 for lo, hi in zip(bounds[:-1], bounds[1:])), bounds
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         assert len(set(batch_of[lo:hi])) == 1, "a segment was split across minibatches"
         # A segment is one episode's consecutive steps: 0, 1, 2, ... tokens generated, unless it
@@ -145,13 +164,15 @@ def test_gae_with_gamma_one_is_the_terminal_reward_minus_value(tiny_env_kwargs):
         np.testing.assert_allclose(buffer.returns[steps, 0], rewards[steps[-1]], rtol=0, atol=1e-6)
         np.testing.assert_allclose(buffer.advantages[steps, 0], rewards[steps[-1]] - values[steps], rtol=0, atol=1e-6)
         checked += 1
-    assert checked >= 1
+    assert checked >= 1  # built: the first episode ends by step 4 of 8 (max_new_tokens=4), whatever is sampled
 
 
 def test_sb3_default_buffer_warns_once_at_the_first_update(make_tiny_env):
     import warnings
 
-    env = make_vec_env(make_tiny_env, n_envs=2, seed=0, env_kwargs=dict(max_new_tokens=8))
+    # No stop token: episodes of 8 steps whatever is sampled, so what a minibatch holds depends only
+    # on the buffer's (numpy-seeded) shuffle.
+    env = make_vec_env(make_tiny_env, n_envs=2, seed=0, env_kwargs=dict(max_new_tokens=8, eos_token_id=None))
     # SB3's own buffer shuffles single steps: a minibatch of 16 holds a step or two of many episodes.
     plain = PPO(TransformerPolicy, env, n_steps=64, batch_size=16, n_epochs=2, seed=0)
     with warnings.catch_warnings(record=True) as caught:

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from agents import TransformerPolicy, text_ppo_kwargs
 from agents.algorithms.kl import AdaptiveKLController, FixedKLController, KLPenaltyCallback, complete_episode_sums
+from tests.conftest import TEST_SEED
 from textgym.tasks.synthetic import TASKS
 from textgym.tiny import save_tiny_lm
 
@@ -45,7 +46,7 @@ def test_penalty_matches_a_direct_computation_and_gae_uses_it(tiny_env_kwargs, t
     mask = buffer.observations["attention_mask"].reshape(n_envs, n_steps, -1).transpose(1, 0, 2)
     actions = unflatten(buffer.actions.reshape(-1)).astype(int)
     reference = AutoModelForCausalLM.from_pretrained(reference_path).eval()
-    checked = 0
+    checked, episodes_checked = 0, 0
     for env in range(n_envs):
         for t in range(n_steps - 1):
             tokens = ids[t, env][mask[t, env] == 1]
@@ -61,7 +62,11 @@ def test_penalty_matches_a_direct_computation_and_gae_uses_it(tiny_env_kwargs, t
                 end = t + int(np.argmax(starts[t + 1:, env])) if starts[t + 1:, env].any() else None
                 if end is not None:
                     np.testing.assert_allclose(returns[t, env], rewards[t:end + 1, env].sum(), rtol=0, atol=1e-5)
+                    episodes_checked += 1
     assert checked == 22
+    # Episodes of at most 4 tokens (max_new_tokens): each env completes at least 2 of them (starting
+    # at t <= 4 and ending before the last step) whatever is sampled.
+    assert episodes_checked >= 2 * n_envs
     assert callback.stats["kl/coef"] == BETA
     assert abs(callback.stats["kl/episode_kl"]) > 1e-2  # the same model gives < 1e-4 (next test)
 
@@ -94,10 +99,12 @@ def test_adaptive_controller_follows_ziegler_et_al():
 def test_adaptive_coefficient_changes_during_training(tiny_env_kwargs):
     controller = AdaptiveKLController(init_kl_coef=0.1, target=1e6, horizon=48)
     callback = KLPenaltyCallback(controller)
-    train_one_rollout(tiny_env_kwargs, callback, n_steps=12)
+    # No stop token: every episode is 4 tokens, so the rollout of 12 steps x 2 envs completes exactly
+    # 6 episodes, a count unlike the 24 steps, the 2 envs or the 1 rollout a wrong counter would use.
+    train_one_rollout({**tiny_env_kwargs, "eos_token_id": None}, callback, n_steps=12)
     buffer = callback.model.rollout_buffer
     episodes = len(complete_episode_sums(buffer.rewards, buffer.episode_starts, callback.locals["dones"]))
-    assert episodes >= 2
+    assert episodes == 6
     # KL far below the target: the clipped error is -0.2, and the controller counts episodes.
     assert callback.stats["kl/coef"] == 0.1
     assert controller.value == pytest.approx(0.1 * (1 - 0.2 * episodes / 48), rel=1e-12)
@@ -117,18 +124,20 @@ class RecordKL(BaseCallback):
         self.history.append(self.kl.stats["kl/episode_kl"])
 
 
-def test_adaptive_controller_holds_the_kl_near_its_target():
+@pytest.mark.learning
+def test_adaptive_controller_holds_the_kl_near_its_target(record_property):
     """The keyword reward pulls the tiny LM far from its start: with a fixed beta of 0.05 the KL
     per episode reached 7.2 nats (mean of the last quarter of 8,192 steps). The controller, at
     64 episodes per rollout and a horizon of 256 (so beta moves up to 5% per rollout, as the
     default horizon of 64 allows at the main job's 16 episodes per rollout), overshoots to ~7
     nats early, then holds the target of 2: last-quarter means 1.98, 2.03, 2.09 for seeds 0-2."""
-    env = make_vec_env(TASKS["keyword"].gym_id, n_envs=8, seed=0)
-    model = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(learning_rate=1e-3, batch_size=64))
+    env = make_vec_env(TASKS["keyword"].gym_id, n_envs=8, seed=TEST_SEED)
+    model = PPO(TransformerPolicy, env, seed=TEST_SEED, **text_ppo_kwargs(learning_rate=1e-3, batch_size=64))
     kl = KLPenaltyCallback(AdaptiveKLController(0.05, target=2.0, horizon=256))
     record = RecordKL(kl)
     model.learn(16_384, callback=[kl, record])
     last_quarter = float(np.mean(record.history[-len(record.history) // 4:]))
+    record_property("figure", last_quarter)
     assert 1.4 < last_quarter < 2.6, f"KL per episode {last_quarter:.2f} nats, target 2"
     assert max(record.history) > 4  # the reward did pull it away: holding the target was the controller's work
 
@@ -143,10 +152,13 @@ def test_complete_episode_sums():
 
 
 def test_reference_pass_in_chunks_equals_one_pass(tiny_env_kwargs, tiny_lm):
-    """Chunks of 1, 5 and 7 rows (episodes cut at chunk borders) give the log-probs of one pass."""
+    """Chunks of 1, 5 and 7 rows (episodes cut at chunk borders) give the log-probs of one pass.
+
+    Without a stop token every episode is 4 rows (each env's 10 rows: 4 + 4 + 2), so chunks of 5
+    and 7 cut episodes whatever is sampled: rows 4-7 at row 5, and at row 7."""
     from agents.algorithms.kl import reference_log_probs
 
-    env = make_vec_env("TextGen-v0", n_envs=3, seed=0, env_kwargs=tiny_env_kwargs)
+    env = make_vec_env("TextGen-v0", n_envs=3, seed=0, env_kwargs={**tiny_env_kwargs, "eos_token_id": None})
     model = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=10, batch_size=10))
     model.learn(30)
     buffer = model.rollout_buffer  # flattened env-major by get(): episodes are runs of rows
@@ -156,6 +168,8 @@ def test_reference_pass_in_chunks_equals_one_pass(tiny_env_kwargs, tiny_lm):
     lm = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
     whole = reference_log_probs(lm, ids, mask, actions, chunk_size=10_000)
     assert whole.shape == (30,) and whole.dtype == torch.float32 and bool((whole < 0).all())
+    generated = mask[:, -tiny_env_kwargs["max_new_tokens"]:].sum(-1)  # the premise: 4-row episodes, then 2
+    assert generated.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1] * 3
     for chunk in (1, 5, 7):
         torch.testing.assert_close(reference_log_probs(lm, ids, mask, actions, chunk_size=chunk), whole,
                                    rtol=0, atol=1e-6)

@@ -31,15 +31,40 @@ def test_appended_tokens_and_right_align():
     assert aligned_mask.tolist() == [[0, 1, 1], [1, 1, 1], [0, 0, 1]]
 
 
-def random_walk(env, steps: int, seed: int = 0, eos_probability: float = 0.25):
-    """Observations of ``env`` under random tokens, EOS often, so episodes end at different steps."""
+STAGGERED = (1, 2, 3, 5, 7)
+"""Episode lengths for :func:`random_walk`: env ``i``'s episodes stop at ``STAGGERED[i]`` tokens (EOS
+or, past ``max_new_tokens``, truncation), so episodes end at different steps by construction."""
+
+
+def random_walk(env, steps: int, seed: int = 0, lengths: tuple[int, ...] | None = None):
+    """Observations of ``env`` under scripted actions: non-stop tokens drawn by a seeded numpy
+    generator, and with ``lengths`` env ``i`` writes EOS as the ``lengths[i]``-th token of each of its
+    episodes (a length above the env's ``max_new_tokens``: the episode is truncated there). Without
+    ``lengths`` no EOS: every episode runs to ``max_new_tokens``."""
     rng = np.random.default_rng(seed)
     obs = env.reset()
+    position = np.zeros(env.num_envs, dtype=int)  # tokens generated in each env's episode
     for _ in range(steps):
         yield {k: torch.as_tensor(v) for k, v in obs.items()}
         actions = rng.integers(3, env.action_space.n, size=env.num_envs)
-        actions[rng.random(env.num_envs) < eos_probability] = EOS
-        obs, *_ = env.step(actions)
+        position += 1
+        if lengths is not None:
+            actions[position == np.asarray(lengths[:env.num_envs])] = EOS
+        obs, _, dones, _ = env.step(actions)
+        position[dones] = 0
+
+
+def mixed_steps(walk) -> int:
+    """Steps of ``walk`` (after the first) where some rows took one token and others did not:
+    the cache's two paths, one-token steps and re-encoded rows, in one call."""
+    count, previous = 0, None
+    for obs in walk:
+        if previous is not None:
+            continuing = appended_tokens(previous["input_ids"], previous["attention_mask"],
+                                         obs["input_ids"], obs["attention_mask"]) == 1
+            count += bool(continuing.any() and not continuing.all())
+        previous = obs
+    return count
 
 
 def make_ppo(env_kwargs, n_envs=3, **kwargs):
@@ -51,18 +76,14 @@ def test_cached_features_equal_a_full_forward_across_staggered_episodes(tiny_env
     model = make_ppo({**tiny_env_kwargs, "max_new_tokens": 6}, n_envs=4)
     policy, cache = model.policy, model.policy.rollout_cache
     policy.set_training_mode(False)
-    mixed_steps = 0
-    previous = None
-    for obs in random_walk(model.env, steps=60):
+    walk = list(random_walk(model.env, steps=60, lengths=STAGGERED))  # episodes of 1, 2, 3 and 5 tokens
+    for obs in walk:
         with torch.no_grad():
             torch.testing.assert_close(cache.features(obs["input_ids"], obs["attention_mask"]),
                                        policy.extract_features(obs), rtol=0, atol=1e-5)
-        if previous is not None:
-            continuing = appended_tokens(previous["input_ids"], previous["attention_mask"],
-                                         obs["input_ids"], obs["attention_mask"]) == 1
-            mixed_steps += bool(continuing.any() and not continuing.all())
-        previous = obs
-    assert mixed_steps >= 10  # both paths (one-token steps and re-encoded rows) in one call, often
+    # Of the 59 steps after the first, all are mixed but one: env 0 re-encodes every step (so rows
+    # never all continue), and all four restart together only every lcm(1, 2, 3, 5) = 30 steps.
+    assert mixed_steps(walk) == 58
 
 
 def test_kept_rows_continue_incrementally_and_exactly(tiny_env_kwargs, monkeypatch):
@@ -70,8 +91,9 @@ def test_kept_rows_continue_incrementally_and_exactly(tiny_env_kwargs, monkeypat
     model = make_ppo({**tiny_env_kwargs, "max_new_tokens": 6}, n_envs=4)
     policy, cache = model.policy, model.policy.rollout_cache
     policy.set_training_mode(False)
-    # Every row continues; from the second step on, rows with the same prompt differ.
-    walk = list(random_walk(model.env, steps=4, eos_probability=0.0))
+    # Every row continues (no EOS, 6 tokens allowed); from the second step on, rows with the same prompt differ.
+    walk = list(random_walk(model.env, steps=4))
+    assert len({tuple(row.tolist()) for row in walk[2]["input_ids"]}) == 4  # the premise: reordering shows
     with torch.no_grad():
         cache.features(walk[1]["input_ids"], walk[1]["attention_mask"])
     encoded = []
@@ -157,7 +179,7 @@ def test_cache_serves_only_rollout_forwards(tiny_env_kwargs):
     model = make_ppo(tiny_env_kwargs, n_envs=2)
     policy = model.policy
     policy.set_training_mode(False)
-    walk = random_walk(model.env, steps=3, eos_probability=0.0)
+    walk = random_walk(model.env, steps=3)
     first, second = next(walk), next(walk)
     with torch.no_grad():
         policy(first)
@@ -183,7 +205,7 @@ def test_cache_is_dropped_on_mode_switch_and_weight_change(tiny_env_kwargs, monk
     encoded = []
     real_encode = RolloutKVCache._encode
     monkeypatch.setattr(RolloutKVCache, "_encode", lambda self, rows, *a: encoded.append(len(rows)) or real_encode(self, rows, *a))
-    walk = random_walk(model.env, steps=4, eos_probability=0.0)
+    walk = random_walk(model.env, steps=4)
     with torch.no_grad():
         policy(next(walk))
         policy(next(walk))
@@ -203,7 +225,7 @@ def test_cache_memory_stays_bounded(tiny_env_kwargs):
     window = model.observation_space["input_ids"].shape[-1]
     widths, sizes = [], []
     with torch.no_grad():
-        for obs in random_walk(model.env, steps=300, eos_probability=0.1):
+        for obs in random_walk(model.env, steps=300, lengths=STAGGERED):  # 5 > max_new_tokens: truncated
             policy(obs)
             widths.append(cache.width)
             sizes.append(cache.nbytes)

@@ -6,6 +6,8 @@ read the cache (see textgym.assets).
 
 from __future__ import annotations
 
+import os
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -19,6 +21,16 @@ from textgym import assets
 from textgym.rewards.sentiment import load_sentiment_head
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def real_asset_threads():
+    """Two torch threads (the suite runs on one, conftest): SmolLM2's 135M-parameter forwards do
+    split across cores, unlike the tiny models'. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield
+    torch.set_num_threads(before)
 
 
 def test_default_assets_are_what_they_claim():

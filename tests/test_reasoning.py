@@ -9,6 +9,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 
 from agents import TransformerPolicy, text_ppo_kwargs
+from tests.conftest import TEST_SEED
 from textgym.rewards.verifiable import VerifiableReward, extract_answer
 from textgym.tasks.reasoning import create_dataset, reasoning_splits
 from textgym.tiny import save_tiny_lm
@@ -105,7 +106,8 @@ def test_reasoning_env_on_a_tiny_chat_model(tiny_chat_lm):
 NUMBERS = ("one", "two", "three", "four", "five", "six")
 
 
-def test_tiny_model_learns_a_verifiable_task(tiny_chat_lm):
+@pytest.mark.learning
+def test_tiny_model_learns_a_verifiable_task(tiny_chat_lm, record_property):
     """Answer each number word with the next one, in chat mode: a one-token reply checked exactly.
 
     Chance: a uniformly random reply token is the right word with probability 1 / vocab (0.042
@@ -117,13 +119,14 @@ def test_tiny_model_learns_a_verifiable_task(tiny_chat_lm):
     reward = VerifiableReward(answers, lambda answer, expected: float(answer == expected), fallback="reply")
     env_kwargs = dict(model_name_or_path=tiny_chat_lm, prompts=list(answers), reward_model=reward, chat_template=True,
                       max_prompt_tokens=None, max_new_tokens=1)
-    env = make_vec_env("TextGen-v0", n_envs=4, seed=0, env_kwargs=env_kwargs)
+    env = make_vec_env("TextGen-v0", n_envs=4, seed=TEST_SEED, env_kwargs=env_kwargs)
     chance = 1 / env.action_space.n
-    model = PPO(TransformerPolicy, env, seed=0,
+    model = PPO(TransformerPolicy, env, seed=TEST_SEED,
                 **text_ppo_kwargs(learning_rate=1e-3, n_steps=32, batch_size=32, normalize_advantage=False))
     model.learn(3_000)
     obs, rewards = env.reset(), []
     while len(rewards) < 200:
         obs, r, dones, _ = env.step(model.predict(obs, deterministic=False)[0])
         rewards.extend(r[dones])
+    record_property("figure", np.mean(rewards))
     assert chance < 0.05 and np.mean(rewards) > 0.5

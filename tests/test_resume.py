@@ -44,11 +44,14 @@ def chat_lm(tmp_path_factory) -> str:
 
 @pytest.fixture(params=["TextGen-v0", "TextGen-Dialogue-v0"])
 def env_setup(request, tiny_env_kwargs, chat_lm) -> tuple[str, dict]:
-    """(env id, env kwargs): single-turn generation, and a two-turn game whose state lives in the game."""
+    """(env id, env kwargs): single-turn generation, and a two-turn game whose state lives in the game.
+
+    Both without stop tokens, so every episode is 4 steps (4 tokens; two replies of 2) whatever is
+    sampled, and an interruption after 2 rollouts (10 steps per env) is 2 steps into an episode."""
     if request.param == "TextGen-v0":
-        return request.param, tiny_env_kwargs
+        return request.param, {**tiny_env_kwargs, "eos_token_id": None}
     return request.param, dict(game=RecallGame(), model_name_or_path=chat_lm, max_prompt_tokens=8,
-                               max_context_tokens=16, max_reply_tokens=2)
+                               max_context_tokens=16, max_reply_tokens=2, eos_token_id=None)
 
 
 def make_env(env_setup, seed=0):
@@ -62,9 +65,10 @@ def make_model(env_setup, **policy_kwargs):
     return PPO(TransformerPolicy, make_env(env_setup), seed=0, **kwargs)
 
 
-def kl_callback() -> KLPenaltyCallback:
+def kl_callback(reference_model: str | None = None) -> KLPenaltyCallback:
     # Target far above the KL of these runs: beta moves by the clipped -20 % x episodes / horizon every rollout.
-    return KLPenaltyCallback(AdaptiveKLController(init_kl_coef=0.5, target=100.0, horizon=8))
+    return KLPenaltyCallback(AdaptiveKLController(init_kl_coef=0.5, target=100.0, horizon=8),
+                             reference_model=reference_model)
 
 
 def monitor_episodes(model) -> list[list[tuple[float, int]]]:
@@ -92,10 +96,11 @@ def assert_same_run(a, b, kl_a, kl_b):
 
 
 def assert_mid_episode(model):
-    """The interruption cuts an episode: some env holds generated tokens of an unfinished episode."""
+    """The premise, built by fixed-length episodes (``eos_token_id=None``, see ``env_setup``): the
+    interruption cuts an episode in every env, which holds generated tokens of an unfinished episode."""
     states = [env.unwrapped.get_episode_state() for env in model.get_env().envs]
     tokens = [len(s.get("generated", s.get("context", []))) for s in states]
-    assert any(n > 0 and not s["done"] for n, s in zip(tokens, states)), states
+    assert all(n > 0 and not s["done"] for n, s in zip(tokens, states)), states
 
 
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(env_setup, tmp_path):
@@ -119,12 +124,13 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(env_setup, tmp
 
 
 def test_bfloat16_run_resumes_exactly_with_its_float32_master_weights(tiny_env_kwargs, tmp_path):
-    setup = ("TextGen-v0", tiny_env_kwargs)
+    setup = ("TextGen-v0", {**tiny_env_kwargs, "eos_token_id": None})  # 4-step episodes: cut at 10 steps
     kl_a = kl_callback()
     uninterrupted = make_model(setup, dtype=torch.bfloat16)
     uninterrupted.learn(4 * ROLLOUT, callback=kl_a)
     first_half = make_model(setup, dtype=torch.bfloat16)
     first_half.learn(2 * ROLLOUT, callback=kl_callback())
+    assert_mid_episode(first_half)
     first_half.save(tmp_path / "run.zip")
     save_training_state(first_half, tmp_path / "run_state.pkl")
     masters = [m.clone() for p, m in first_half.policy.master_weights.pairs if p is not m]
@@ -159,8 +165,9 @@ def test_without_the_training_state_the_resumed_run_differs(tiny_env_kwargs, tmp
 
 
 def test_rolling_checkpoints_with_training_state_resume_exactly(tiny_env_kwargs, tmp_path):
-    """The realistic interruption: a run checkpointed during learn(4 rollouts), resumed from its middle."""
-    setup = ("TextGen-v0", tiny_env_kwargs)
+    """The realistic interruption: a run checkpointed during learn(4 rollouts), resumed from its middle
+    (4-step episodes, so the checkpoint at 10 steps per env is inside an episode in both envs)."""
+    setup = ("TextGen-v0", {**tiny_env_kwargs, "eos_token_id": None})
     kl_a = kl_callback()
     uninterrupted = make_model(setup)
     checkpoints = RollingCheckpointCallback(save_freq=N_STEPS + 1, save_path=str(tmp_path), keep_last=None,
@@ -173,6 +180,7 @@ def test_rolling_checkpoints_with_training_state_resume_exactly(tiny_env_kwargs,
 
     resumed = PPO.load(tmp_path / "rl_model_20_steps.zip", env=make_env(setup))
     load_training_state(resumed, tmp_path / "rl_model_training_state_20_steps.pkl")
+    assert_mid_episode(resumed)
     kl_b = kl_callback()
     resumed.learn(4 * ROLLOUT - resumed.num_timesteps, callback=kl_b, reset_num_timesteps=False)
     assert_same_run(uninterrupted, resumed, kl_a, kl_b)
@@ -213,6 +221,7 @@ def test_kl_callback_adopts_the_saved_controller_only_when_the_count_continues(t
     model = make_model(("TextGen-v0", tiny_env_kwargs))
     first = kl_callback()
     model.learn(ROLLOUT, callback=first)
+    # beta moved: episodes of at most 4 tokens end within the 5-step rollout, whatever is sampled
     assert model.kl_controller is first.controller and first.controller.value < 0.5
     model.save(tmp_path / "run.zip")
     loaded = PPO.load(tmp_path / "run.zip", env=model.get_env())
@@ -334,7 +343,14 @@ def test_episode_state_round_trip_and_checks(make_tiny_env, chat_lm):
 def test_group_relative_and_nlpo_runs_resume_exactly(algorithm, sabotage, tiny_env_kwargs, tmp_path, monkeypatch):
     """RLOO keeps the returns of the episodes a rollout cut (with the KL penalties already in them);
     NLPO keeps its rollout count (refreshes at rollouts 0 and 3, interrupted after 2) and its masking
-    LM as last refreshed. Sabotage: without the algorithm's state the resumed run differs."""
+    LM as last refreshed. Sabotage: without the algorithm's state the resumed run differs.
+
+    RLOO's premises are built: an episode cut by the rollout boundary (without stop tokens every
+    episode is 4 steps, conftest.MAX_NEW_TOKENS, so each env's rollout of 5 steps ends inside an
+    episode whatever tokens are sampled), and cut episodes whose carried returns differ within
+    their group (RLOO's advantages only see differences): the KL reference is another random LM,
+    so every token's penalty is of order one from the first step, where a reference equal to the
+    untrained policy gives penalties of 1e-7, below the comparison's tolerance."""
     from sb3_contrib import MaskablePPO
 
     from agents import MaskableTransformerPolicy, NLPOCallback, group_ppo_kwargs, nlpo_kwargs
@@ -342,13 +358,16 @@ def test_group_relative_and_nlpo_runs_resume_exactly(algorithm, sabotage, tiny_e
     from textgym.vec_env import GroupedPrompts
 
     def make_env(seed=0):
-        env = make_vec_env("TextGen-v0", n_envs=N_ENVS, seed=seed, env_kwargs=tiny_env_kwargs)
-        return GroupedPrompts(env, N_ENVS) if algorithm == "rloo" else env
+        if algorithm == "rloo":
+            env_kwargs = {**tiny_env_kwargs, "eos_token_id": None}  # fixed-length episodes: see the docstring
+            return GroupedPrompts(make_vec_env("TextGen-v0", n_envs=N_ENVS, seed=seed, env_kwargs=env_kwargs), N_ENVS)
+        return make_vec_env("TextGen-v0", n_envs=N_ENVS, seed=seed, env_kwargs=tiny_env_kwargs)
 
-    kwargs = {**PPO_KWARGS, "policy_kwargs": {}}
+    kwargs, reference = {**PPO_KWARGS, "policy_kwargs": {}}, None
     if algorithm == "rloo":
         algo, make = PPO, lambda: PPO(TransformerPolicy, make_env(), seed=0, **group_ppo_kwargs("rloo", **kwargs))
         learn_kwargs, callbacks = {}, lambda kl: [kl]
+        reference = str(save_tiny_lm(tmp_path / "reference", seed=1))
     else:
         kwargs["policy_kwargs"] = dict(top_p=0.8, target_update_iterations=3)
         algo, make = MaskablePPO, lambda: MaskablePPO(MaskableTransformerPolicy, make_env(), seed=0, **nlpo_kwargs(**kwargs))
@@ -356,18 +375,19 @@ def test_group_relative_and_nlpo_runs_resume_exactly(algorithm, sabotage, tiny_e
     if sabotage:
         monkeypatch.setattr(resume_module, "_set_algorithm_state", lambda model, state, path: None)
 
-    kl_a = kl_callback()
+    kl_a = kl_callback(reference)
     uninterrupted = make()
     uninterrupted.learn(4 * ROLLOUT, callback=callbacks(kl_a), **learn_kwargs)
     first_half = make()
-    first_half.learn(2 * ROLLOUT, callback=callbacks(kl_callback()), **learn_kwargs)
-    if algorithm == "rloo":
-        assert first_half.rollout_buffer._carry_out.any()  # the cut episodes carry penalties into rollout 3
+    first_half.learn(2 * ROLLOUT, callback=callbacks(kl_callback(reference)), **learn_kwargs)
+    if algorithm == "rloo":  # the premises (docstring): penalties carried into rollout 3, unequal within the group
+        carried = first_half.rollout_buffer._carry_out
+        assert carried.all() and np.ptp(carried) > 1e-3, carried
     first_half.save(tmp_path / "run.zip")
     save_training_state(first_half, tmp_path / "run_state.pkl")
     resumed = algo.load(tmp_path / "run.zip", env=make_env(seed=123))
     load_training_state(resumed, tmp_path / "run_state.pkl")
-    kl_b = kl_callback()
+    kl_b = kl_callback(reference)
     resumed.learn(2 * ROLLOUT, callback=callbacks(kl_b), reset_num_timesteps=False, **learn_kwargs)
     if sabotage:
         with pytest.raises(AssertionError):

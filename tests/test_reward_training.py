@@ -12,6 +12,7 @@ import torch
 from peft import LoraConfig
 from transformers import BertConfig, BertModel, BertTokenizer
 
+from tests.conftest import TEST_SEED
 from textgym.rewards.finetuned import HEAD_FILE, FineTunedRewardModel
 from textgym.rewards.train_reward_model import (
     RewardTrainingConfig,
@@ -104,10 +105,10 @@ def tiny_encoder_dir(tmp_path):
     return tmp_path / "encoder"
 
 
-def tiny_reward_model(encoder_dir) -> FineTunedRewardModel:
+def tiny_reward_model(encoder_dir, seed: int = 0) -> FineTunedRewardModel:
     from transformers import AutoModel, AutoTokenizer
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "key", "value", "dense"])
     return FineTunedRewardModel.from_encoder(AutoModel.from_pretrained(encoder_dir, add_pooling_layer=False),
                                              AutoTokenizer.from_pretrained(encoder_dir), lora, max_length=16)
@@ -132,17 +133,18 @@ def full_loss(model, texts, ratings, config) -> float:
                            config)["loss"].item()
 
 
-def test_training_a_tiny_bert_lowers_the_loss_and_orders_the_pairs(tiny_encoder_dir):
-    torch.set_num_threads(1)
-    texts, ratings = rated_sentences()
-    model = tiny_reward_model(tiny_encoder_dir)
+@pytest.mark.learning
+def test_training_a_tiny_bert_lowers_the_loss_and_orders_the_pairs(tiny_encoder_dir, record_property):
+    texts, ratings = rated_sentences(seed=TEST_SEED)
+    model = tiny_reward_model(tiny_encoder_dir, seed=TEST_SEED)
     config = RewardTrainingConfig(batch_size=16, max_steps=40, learning_rate=1e-2, warmup_fraction=0.0,
-                                  max_length=16, log_every=1000)
+                                  max_length=16, log_every=1000, seed=TEST_SEED)
     before_loss = full_loss(model, texts, ratings, config)
     before_acc = pairwise_accuracy(model.score_texts(texts), ratings)
     history = train(model, texts, ratings, config, log=lambda _: None)
     assert len(history) == 40 and [h["step"] for h in history[:2]] == [1, 2]
     after_scores = model.score_texts(texts)
+    record_property("figure", pairwise_accuracy(after_scores, ratings))
     assert full_loss(model, texts, ratings, config) < before_loss - 0.3
     assert pairwise_accuracy(after_scores, ratings) > max(before_acc + 0.2, 0.85)
     assert sign_accuracy(after_scores, ratings) > 0.85
@@ -154,7 +156,6 @@ def test_training_a_tiny_bert_lowers_the_loss_and_orders_the_pairs(tiny_encoder_
 
 
 def test_training_is_seeded(tiny_encoder_dir):
-    torch.set_num_threads(1)
     texts, ratings = rated_sentences(32)
     config = RewardTrainingConfig(batch_size=8, max_steps=5, learning_rate=1e-2, max_length=16, log_every=1000)
     runs = []
@@ -166,7 +167,6 @@ def test_training_is_seeded(tiny_encoder_dir):
 
 
 def test_epoch_callback_runs_after_each_full_pass_and_training_mode_is_restored(tiny_encoder_dir):
-    torch.set_num_threads(1)
     texts, ratings = rated_sentences(20)
     model = tiny_reward_model(tiny_encoder_dir)
     epochs, training_forwards = [], []
@@ -202,7 +202,6 @@ def test_validation_split_is_carved_from_training_and_flags_mirror_the_config():
 
 
 def test_save_load_round_trip_gives_identical_scores(tiny_encoder_dir, tmp_path):
-    torch.set_num_threads(1)
     texts, ratings = rated_sentences(32)
     model = tiny_reward_model(tiny_encoder_dir)
     model.info = {"note": "tiny"}
@@ -254,7 +253,6 @@ def test_bad_construction_is_refused(tiny_encoder_dir):
 def test_shipped_reward_model_scores_the_real_held_out_sentences():
     from textgym import assets
 
-    torch.set_num_threads(1)
     model = FineTunedRewardModel.pretrained()
     info = model.info
     assert info["split"] == "held out: sentence id % 5 == 0" and info["test_sign_accuracy"] > 0.785

@@ -13,6 +13,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 
 from agents import TransformerPolicy, text_ppo_kwargs
+from tests.conftest import TEST_SEED
 from textgym.env import TextGenEnv
 from textgym.tasks.synthetic import (
     NUMBER_WORDS,
@@ -63,20 +64,6 @@ def synthetic_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TEXTGYM_CACHE", str(tmp_path_factory.mktemp("textgym_cache")))
         yield
-
-
-@pytest.fixture
-def one_torch_thread():
-    """Train with one torch thread, then restore the session's setting (2, from conftest).
-
-    A 32-wide GPT-2 has nothing to split between threads, and when another process keeps the
-    second core busy, the second OpenMP thread waits for it: 1,024 PPO steps took 0.96 s with one
-    thread and 39-68 s with two on the 2-core development machine.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(("name", "prompt", "optimal", "bad", "bad_value"), REWARD_CASES)
@@ -157,13 +144,15 @@ def test_tiny_lm_is_written_once_and_keeps_the_torch_rng(tmp_path, monkeypatch):
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no build directory left behind
 
 
+@pytest.mark.learning
 @pytest.mark.parametrize("name", sorted(TASKS))
-def test_ppo_learns_the_task(name, one_torch_thread):
+def test_ppo_learns_the_task(name, record_property):
     task = TASKS[name]
-    env = make_vec_env(task.gym_id, n_envs=4, seed=0)
-    eval_env = make_vec_env(task.gym_id, n_envs=4, seed=1000)
-    model = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(**task.ppo_kwargs))
+    env = make_vec_env(task.gym_id, n_envs=4, seed=TEST_SEED)
+    eval_env = make_vec_env(task.gym_id, n_envs=4, seed=TEST_SEED + 1000)
+    model = PPO(TransformerPolicy, env, seed=TEST_SEED, **text_ppo_kwargs(**task.ppo_kwargs))
     model.learn(total_timesteps=task.total_timesteps)
     after, _ = evaluate_policy(model, eval_env, n_eval_episodes=N_EVAL_EPISODES, deterministic=False)
+    record_property("figure", after)
     threshold = task.chance + MIN_GAP_CLOSED * (task.optimum - task.chance)
     assert after >= threshold, f"{name}: mean reward {after:.3f} < {threshold:.3f} (chance {task.chance})"

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from stable_baselines3 import PPO
 
 import textgym.hyperparams
@@ -35,15 +34,6 @@ def zoo(module: str, *args: str, cwd: Path, timeout: int = 90) -> subprocess.Com
     output = f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert result.returncode == 0, f"{module} {' '.join(args)} failed:\n{output}"
     return result
-
-
-@pytest.fixture
-def one_torch_thread():
-    """The in-process replay on one torch thread (conftest sets 2), restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def train_args(env_id: str, *extra: str, gym_packages: tuple[str, ...] = ("textgym",)) -> list[str]:
@@ -75,7 +65,7 @@ def test_yaml_entries_are_the_documented_settings():
         assert entry["callback"][0] == "agents.zoo.EpisodeRolloutBufferCallback"
 
 
-def test_train_writes_checkpoints_and_tensorboard_and_the_model_replays(tmp_path, capsys, one_torch_thread):
+def test_train_writes_checkpoints_and_tensorboard_and_the_model_replays(tmp_path, capsys):
     result = zoo("rl_zoo3.train", *train_args(KEYWORD, "-n", "512", "--save-freq", "256", "--eval-freq", "512",
                                               "--eval-episodes", "4", "-f", "logs", "--tensorboard-log", "runs"),
                  cwd=tmp_path)

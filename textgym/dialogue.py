@@ -18,10 +18,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 from gymnasium import spaces
 
 from textgym import assets, chat
 from textgym.env import _check_state_keys, check_token_action, load_tokenizer
+from textgym.rendering import text_frame
 from textgym.spaces import TokenWindowSpace
 
 
@@ -139,7 +141,9 @@ class DialogueEnv(gym.Env):
       template's end-of-turn token, or an id or list of ids.
     - ``vocab_size``: action-space size; default ``len(tokenizer)``.
     - ``render_mode``: ``"ansi"`` (``render()`` returns the conversation so far, as tokens decoded),
-      ``"human"`` (each finished episode's conversation and return are printed) or ``None``.
+      ``"human"`` (each finished episode's conversation and return are printed), ``"rgb_array"``
+      (that text drawn as a ``uint8`` frame ``(360, 640, 3)``, for video recorders; SB3's
+      ``make_vec_env`` asks for this mode) or ``None``.
 
     The constructor checks the chat template (it must render replies verbatim and append turns
     without rewriting earlier ones) and plays one ``reset`` of the game, so a game that cannot
@@ -148,10 +152,10 @@ class DialogueEnv(gym.Env):
     :raises ValueError: no chat template, a template that rewrites turns, bad token ids, a first
         turn that does not fit, or a non-positive size.
     :raises TypeError: ``game`` is not a :class:`DialogueGame` or a factory of one;
-        ``render_mode`` is not ``"ansi"``/``None``.
+        ``render_mode`` is not one of ``metadata["render_modes"]`` or ``None``.
     """
 
-    metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
+    metadata = {"render_modes": ["ansi", "human", "rgb_array"], "render_fps": 4}
 
     def __init__(
         self,
@@ -319,9 +323,12 @@ class DialogueEnv(gym.Env):
         text = closing + chat.next_turn_text(self.tokenizer, message)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def render(self) -> str | None:
-        """``"ansi"``: the conversation so far as the model sees it (special tokens included); ``None``
-        otherwise (``"human"`` prints at each episode's end instead)."""
+    def render(self) -> str | np.ndarray | None:
+        """``"ansi"``: the conversation so far as the model sees it (special tokens included);
+        ``"rgb_array"``: that text as a ``uint8`` frame ``(360, 640, 3)``; ``None`` otherwise
+        (``"human"`` prints at each episode's end instead)."""
+        if self.render_mode == "rgb_array":
+            return text_frame(self._text())
         return self._text() if self.render_mode == "ansi" else None
 
     def _text(self) -> str:

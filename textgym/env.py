@@ -8,10 +8,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 from gymnasium import spaces
 
 from textgym import assets, chat
 from textgym.prompts import as_prompt_list
+from textgym.rendering import text_frame
 from textgym.rewards import as_reward_fn, reward_components
 from textgym.spaces import TokenWindowSpace
 
@@ -144,8 +146,10 @@ class TextGenEnv(gym.Env):
     - ``system_prompt``: chat mode only: a system message put before every prompt that has none.
     - ``render_mode``: ``"ansi"`` (``render()`` returns prompt + completion text), ``"human"``
       (every finished episode's text and reward are printed to stdout, as Gymnasium's toy-text
-      envs print their state; ``render()`` returns ``None``; what ``rl_zoo3.enjoy`` asks for) or
-      ``None``.
+      envs print their state; ``render()`` returns ``None``; what ``rl_zoo3.enjoy`` asks for),
+      ``"rgb_array"`` (``render()`` returns the ``"ansi"`` text drawn as a ``uint8`` frame of shape
+      ``(360, 640, 3)``, :func:`textgym.rendering.text_frame`, for video recorders; SB3's
+      ``make_vec_env`` asks for this mode) or ``None``.
 
     The constructor tokenizes every prompt and calls the reward model once on the first prompt
     with an empty completion, so bad input fails here rather than during training.
@@ -155,7 +159,7 @@ class TextGenEnv(gym.Env):
       and named reward components added without changing the default behaviour.
     """
 
-    metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
+    metadata = {"render_modes": ["ansi", "human", "rgb_array"], "render_fps": 4}
 
     def __init__(
         self,
@@ -172,8 +176,8 @@ class TextGenEnv(gym.Env):
         render_mode: str | None = None,
     ):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            # TypeError, not ValueError: SB3's make_vec_env asks for render_mode="rgb_array" and
-            # retries without it exactly when the env raises TypeError.
+            # TypeError, not ValueError: Gymnasium's make and SB3's make_vec_env treat a TypeError
+            # from the constructor as "this render mode is not supported".
             raise TypeError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         self.render_mode = render_mode
         self.tokenizer = load_tokenizer(model_name_or_path)
@@ -353,9 +357,12 @@ class TextGenEnv(gym.Env):
             return full[len(prefix):]
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def render(self) -> str | None:
+    def render(self) -> str | np.ndarray | None:
         """``"ansi"``: the prompt (in chat mode: the rendered conversation) followed by the completion
-        so far; ``None`` otherwise (``"human"`` prints at each episode's end instead)."""
+        so far; ``"rgb_array"``: that text as a ``uint8`` frame ``(360, 640, 3)``; ``None`` otherwise
+        (``"human"`` prints at each episode's end instead)."""
+        if self.render_mode == "rgb_array":
+            return text_frame(self._text())
         return self._text() if self.render_mode == "ansi" else None
 
     def _text(self) -> str:
