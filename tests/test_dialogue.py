@@ -138,7 +138,7 @@ def test_rgb_array_frame_draws_the_ansi_text(chat_lm):
 
 def make_ppo(lm: str, n_envs: int = 3, **kwargs) -> PPO:
     env = make_vec_env(DialogueEnv, n_envs=n_envs, seed=0, env_kwargs=env_kwargs(lm, max_reply_tokens=3))
-    return PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(**{"n_steps": 12, "batch_size": 8, **kwargs}))
+    return PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(**{"n_steps": 12, "batch_size": 12, **kwargs}))
 
 
 def test_kv_cache_extends_rows_by_the_games_tokens_exactly(chat_lm, monkeypatch):
@@ -173,7 +173,7 @@ def test_kv_cache_extends_rows_by_the_games_tokens_exactly(chat_lm, monkeypatch)
 
 
 def test_update_and_kl_count_only_the_agents_tokens(chat_lm):
-    model = make_ppo(chat_lm, n_envs=2, n_steps=16)
+    model = make_ppo(chat_lm, n_envs=2, n_steps=16, batch_size=16)
     model.learn(32)
     buffer = model.rollout_buffer
     batch = next(buffer.get(batch_size=None))

@@ -38,7 +38,7 @@ def collect(env_kwargs, buffer_class=EpisodeRolloutBuffer, n_envs=3, n_steps=10,
     stops as its (k + 1)-th token after a k-token prompt (3, 4 or 5 tokens; 5 is cut at 4 when
     ``max_new_tokens`` is 4), so episodes of different lengths, most of several steps, are built."""
     env = make_vec_env("TextGen-v0", n_envs=n_envs, seed=0, env_kwargs=env_kwargs)
-    model = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=n_steps, batch_size=8,
+    model = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=n_steps, batch_size=6,
                                                                  rollout_buffer_class=buffer_class))
     if monkeypatch is not None:
         script_stops(monkeypatch, model.policy, stop_at=lambda prompt: len(prompt) + 1)

@@ -144,7 +144,7 @@ class RolloutCheck(BaseCallback):
 
 
 def rollout_errors(env_kwargs) -> RolloutCheck:
-    model = make_ppo({**env_kwargs, "max_new_tokens": 5}, learning_rate=1e-3, n_steps=7)
+    model = make_ppo({**env_kwargs, "max_new_tokens": 5}, learning_rate=1e-3, n_steps=7, batch_size=7)
     check = RolloutCheck()
     model.learn(4 * 7 * 3, callback=check)  # 4 rollouts, 3 updates in between; episodes cross rollouts
     return check
