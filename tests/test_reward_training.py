@@ -135,6 +135,10 @@ def full_loss(model, texts, ratings, config) -> float:
 
 @pytest.mark.learning
 def test_training_a_tiny_bert_lowers_the_loss_and_orders_the_pairs(tiny_encoder_dir, record_property):
+    """Before training every score is equal (the head starts at zero): pairwise accuracy 0.5. After 40
+    steps, over TEXTGYM_TEST_SEED 0-15: pairwise accuracy 0.80-0.89 (median 0.87) and sign accuracy
+    0.83-0.98; the thresholds, 0.75 for both, sit below the worst seed (the old 0.85 failed 8 of 16).
+    80 steps at this learning rate diverged on one seed (0.25), so the budget stays at 40."""
     texts, ratings = rated_sentences(seed=TEST_SEED)
     model = tiny_reward_model(tiny_encoder_dir, seed=TEST_SEED)
     config = RewardTrainingConfig(batch_size=16, max_steps=40, learning_rate=1e-2, warmup_fraction=0.0,
@@ -146,8 +150,8 @@ def test_training_a_tiny_bert_lowers_the_loss_and_orders_the_pairs(tiny_encoder_
     after_scores = model.score_texts(texts)
     record_property("figure", pairwise_accuracy(after_scores, ratings))
     assert full_loss(model, texts, ratings, config) < before_loss - 0.3
-    assert pairwise_accuracy(after_scores, ratings) > max(before_acc + 0.2, 0.85)
-    assert sign_accuracy(after_scores, ratings) > 0.85
+    assert before_acc == 0.5 and pairwise_accuracy(after_scores, ratings) > 0.75
+    assert sign_accuracy(after_scores, ratings) > 0.75
     # only the adapter and the head were trained: the frozen base weights are unchanged
     base = BertModel.from_pretrained(tiny_encoder_dir, add_pooling_layer=False)
     tuned = model.encoder.get_base_model()
