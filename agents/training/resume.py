@@ -78,6 +78,8 @@ import torch as th
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper, VecFrameStack, VecMonitor, VecNormalize
 
+from agents.training.atomic import atomic_write_bytes
+
 FORMAT = "textgym.training_state"
 """The ``format`` entry of a training-state file."""
 
@@ -99,8 +101,10 @@ def save_training_state(model: Any, path: str | os.PathLike) -> Path:
 
     :param model: an SB3 algorithm (``PPO``, ``A2C``, ...) whose env is a ``DummyVecEnv`` of envs
         with ``get_episode_state`` (every textgym env), possibly inside stateless VecEnv wrappers.
-    :param path: file to write (parent folders are created); e.g. ``run_state.pkl``.
+    :param path: file to write (parent folders are created; written atomically, so a kill leaves the
+        previous file of that name whole); e.g. ``run_state.pkl``.
     :return: the path written.
+    :raises OSError: the file could not be written (disk full, permission); the message names it.
     :raises ValueError: the model has not collected a step yet (nothing to resume), or is in the
         middle of a rollout or between a rollout and its update.
     :raises TypeError: the envs cannot be saved: ``SubprocVecEnv``, a stateful VecEnv wrapper, an
@@ -124,10 +128,7 @@ def save_training_state(model: Any, path: str | os.PathLike) -> Path:
     except Exception as error:  # any object in an episode state may refuse to pickle, each in its own way
         raise TypeError(f"the training state cannot be pickled ({type(error).__name__}: {error}); every env's "
                         "episode state (a DialogueEnv's game) must be picklable to be saved") from error
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
+    return atomic_write_bytes(path, data)
 
 
 def load_training_state(model: Any, path: str | os.PathLike) -> None:
