@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import shutil
 
+import numpy as np
 import pytest
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
@@ -107,3 +110,77 @@ def test_an_interrupted_newer_save_is_passed_over(tiny_env_kwargs, tmp_path):
     model.learn(2 * ROLLOUT, callback=checkpointing(tmp_path), reset_num_timesteps=False)
     assert latest_checkpoint(tmp_path).steps == 3 * ROLLOUT and temporaries(tmp_path) == []
     assert "rl_model_8_steps.zip" not in os.listdir(tmp_path)  # pruned once the newer one was complete
+
+
+@pytest.fixture(scope="module")
+def saved_run(tiny_lm, tmp_path_factory):
+    """(folder, env kwargs): a run checkpointed once with its training state, at 8 steps."""
+    from tests.conftest import MAX_NEW_TOKENS, PROMPTS, keyword_reward
+
+    env_kwargs = {"model_name_or_path": tiny_lm, "prompts": PROMPTS, "reward_model": keyword_reward,
+                  "max_prompt_tokens": 5, "max_new_tokens": MAX_NEW_TOKENS}
+    folder = tmp_path_factory.mktemp("saved_run")
+    make_model(env_kwargs).learn(2 * ROLLOUT, callback=checkpointing(folder))
+    return folder, env_kwargs
+
+
+def damaged_copies(data: bytes, n_flips: int = 12):
+    """(what, bytes): single-byte flips spread over the file, and truncations."""
+    rng = np.random.default_rng(0)
+    positions = sorted({0, 1, len(data) // 2, len(data) - 1, *rng.integers(0, len(data), n_flips - 4).tolist()})
+    for position in positions:
+        damaged = bytearray(data)
+        damaged[position] ^= 0xFF
+        yield f"flip at {position}", bytes(damaged)
+    for length in (0, 10, len(data) // 3, len(data) - 1):
+        yield f"truncated to {length}", data[:length]
+
+
+def test_damaged_training_states_raise_naming_the_file_and_digests(saved_run, tmp_path):
+    folder, env_kwargs = saved_run
+    checkpoint = latest_checkpoint(folder)
+    model = PPO.load(checkpoint.model, env=make_vec_env("TextGen-v0", n_envs=N_ENVS, env_kwargs=env_kwargs))
+    data, trials = checkpoint.training_state.read_bytes(), 0
+    for what, damaged in damaged_copies(data):
+        path = tmp_path / "state.pkl"
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=r"state\.pkl.*use the previous checkpoint") as caught:
+            load_training_state(model, path)
+        if "checksum" in str(caught.value):
+            assert re.search(r"expected SHA-256 [0-9a-f]{64}, actual [0-9a-f]{64}", str(caught.value)), what
+        trials += 1
+    assert trials == 16
+
+
+def test_a_training_state_without_checksum_still_loads_with_a_warning(saved_run, tmp_path):
+    from agents.training.resume import MAGIC
+
+    folder, env_kwargs = saved_run
+    checkpoint = latest_checkpoint(folder)
+    data = checkpoint.training_state.read_bytes()
+    assert data.startswith(MAGIC)
+    legacy = tmp_path / "old_state.pkl"
+    legacy.write_bytes(data.partition(b"\n")[2].partition(b"\n")[2])  # the pickle alone, as textgym wrote it before
+    model = PPO.load(checkpoint.model, env=make_vec_env("TextGen-v0", n_envs=N_ENVS, env_kwargs=env_kwargs))
+    with pytest.warns(UserWarning, match="no checksum"):
+        load_training_state(model, legacy)
+    with pytest.raises(ValueError, match="not a training-state file"):
+        load_training_state(model, checkpoint.model)  # the zip passed instead
+
+
+@pytest.mark.parametrize("part", ["model", "training_state"])
+def test_latest_checkpoint_verifies_every_file_against_its_manifest(part, saved_run, tmp_path):
+    folder, _ = saved_run
+    copy = tmp_path / "run"
+    shutil.copytree(folder, copy)
+    file = latest_checkpoint(copy).parts[part]
+    data, trials = file.read_bytes(), 0
+    for what, damaged in damaged_copies(data):
+        file.write_bytes(damaged)
+        with pytest.warns(UserWarning, match="skipping a damaged checkpoint"), \
+                pytest.raises(ValueError, match=rf"{re.escape(file.name)} has .*manifest.*use the previous checkpoint"):
+            latest_checkpoint(copy)
+        trials += 1
+    assert trials == 16
+    file.write_bytes(data)
+    assert latest_checkpoint(copy).steps == ROLLOUT

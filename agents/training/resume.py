@@ -59,15 +59,19 @@ samples them); ``np_random_seed`` (``-1`` after a resume, as Gymnasium reports f
 directly). TensorBoard continues in the run's last directory (SB3's behaviour with
 ``reset_num_timesteps=False``).
 
-The file is a pickle (``cloudpickle``, as SB3's zip uses): load only files you trust.
+The file is a header (:data:`MAGIC`, a version and the SHA-256 of the rest) and a pickle
+(``cloudpickle``, as SB3's zip uses): :func:`load_training_state` refuses a file whose bytes changed
+since the save, but a checksum is no signature: load only files you trust.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import pickle
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +83,19 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper, VecFrameStack, VecMonitor, VecNormalize
 
 from agents.training.atomic import atomic_write_bytes
+from agents.training.manifest import DAMAGED
 
 FORMAT = "textgym.training_state"
 """The ``format`` entry of a training-state file."""
 
 VERSION = 1
 """The ``version`` entry of files this module writes; other versions raise on load."""
+
+MAGIC = b"textgym.training_state\n"
+"""First bytes of a training-state file; a header line ``<HEADER_VERSION> <sha256 hex>`` and the pickle follow."""
+
+HEADER_VERSION = 1
+"""Version of the header; files without one (older textgym: a bare pickle) load with a warning."""
 
 MONITOR_FIELDS = ("rewards", "needs_reset", "episode_returns", "episode_lengths", "episode_times", "total_steps",
                   "current_reset_info")
@@ -128,7 +139,7 @@ def save_training_state(model: Any, path: str | os.PathLike) -> Path:
     except Exception as error:  # any object in an episode state may refuse to pickle, each in its own way
         raise TypeError(f"the training state cannot be pickled ({type(error).__name__}: {error}); every env's "
                         "episode state (a DialogueEnv's game) must be picklable to be saved") from error
-    return atomic_write_bytes(path, data)
+    return atomic_write_bytes(path, _with_header(data))
 
 
 def load_training_state(model: Any, path: str | os.PathLike) -> None:
@@ -143,8 +154,11 @@ def load_training_state(model: Any, path: str | os.PathLike) -> None:
 
     :param model: the loaded SB3 algorithm, with its env set.
     :param path: a file written by :func:`save_training_state`.
-    :raises ValueError: not a training-state file, another format version, or it does not match the
-        model (other timestep count: a zip from another moment) or the envs (number, wrappers, type).
+    :raises ValueError: not a training-state file, another format version, damaged (its SHA-256
+        differs from the one in its header: the message names the file, both digests and says to
+        use the previous checkpoint), or it does not match the model (other timestep count: a zip
+        from another moment) or the envs (number, wrappers, type). A file of an older textgym,
+        without a checksum, loads with a ``UserWarning``.
     :raises TypeError: the envs cannot be restored (see :func:`save_training_state`).
     """
     state = _read(Path(path))
@@ -338,15 +352,42 @@ def _restore_env(env: gym.Env, saved: dict[str, Any]) -> None:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    """The training state in ``path``, checked for its format and version."""
+    """The training state in ``path``, its checksum verified, checked for its format and version."""
+    data = path.read_bytes()
+    if data.startswith(MAGIC):
+        payload = _verified_payload(path, data)
+    elif data.startswith(b"\x80"):  # a pickle: a file of textgym before the header, with nothing to verify
+        warnings.warn(f"{path} has no checksum (written by an older textgym): it is loaded unverified; "
+                      "save it again to add one", UserWarning, stacklevel=3)
+        payload = data
+    else:
+        raise ValueError(f"{path} is not a training-state file (written by agents.save_training_state), or its "
+                         f"header is damaged (it starts {data[:16]!r}); if it is one, {DAMAGED}")
     try:
-        with path.open("rb") as file:
-            state = pickle.load(file)
-    except (pickle.UnpicklingError, EOFError) as error:  # e.g. the zip passed instead of the state file
-        raise ValueError(f"{path} is not a training-state file (written by agents.save_training_state): {error}") from error
+        state = pickle.loads(payload)
+    except Exception as error:  # noqa: BLE001  (a damaged pickle fails in any of many ways: decoding, EOF, a missing class)
+        raise ValueError(f"{path} could not be unpickled ({type(error).__name__}: {error}); {DAMAGED}") from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a training-state file (written by agents.save_training_state)")
     if state.get("version") != VERSION:
         raise ValueError(f"{path} is a training state of version {state.get('version')}; this textgym reads "
                          f"version {VERSION}")
     return state
+
+
+def _with_header(payload: bytes) -> bytes:
+    """``payload`` behind the header: :data:`MAGIC`, then ``b"<HEADER_VERSION> <sha256 hex of payload>\\n"``."""
+    return MAGIC + f"{HEADER_VERSION} {hashlib.sha256(payload).hexdigest()}\n".encode() + payload
+
+
+def _verified_payload(path: Path, data: bytes) -> bytes:
+    """The payload of a file with a header, after checking its SHA-256."""
+    line, newline, payload = data[len(MAGIC):].partition(b"\n")
+    fields = line.split(b" ")
+    if not newline or len(fields) != 2 or fields[0] != str(HEADER_VERSION).encode():
+        raise ValueError(f"{path} has a damaged or unknown header ({line[:80]!r}, this textgym writes version "
+                         f"{HEADER_VERSION}); {DAMAGED}")
+    expected, actual = fields[1].decode("ascii", "replace"), hashlib.sha256(payload).hexdigest()
+    if actual != expected:
+        raise ValueError(f"{path} fails its checksum: expected SHA-256 {expected}, actual {actual}; {DAMAGED}")
+    return payload
