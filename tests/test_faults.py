@@ -184,3 +184,43 @@ def test_latest_checkpoint_verifies_every_file_against_its_manifest(part, saved_
     assert trials == 16
     file.write_bytes(data)
     assert latest_checkpoint(copy).steps == ROLLOUT
+
+
+@pytest.fixture(scope="module")
+def shuffled_lm(tmp_path_factory):
+    """A tiny LM whose tokenizer has the conftest one's vocabulary size but its words in reverse order."""
+    from textgym.tiny import TINY_WORDS, save_tiny_lm
+
+    return str(save_tiny_lm(tmp_path_factory.mktemp("shuffled_lm"), words=tuple(reversed(TINY_WORDS))))
+
+
+def test_a_saved_run_refuses_an_env_with_another_tokenizer(saved_run, shuffled_lm):
+    from textgym import allow_other_tokenizer
+
+    folder, env_kwargs = saved_run
+    checkpoint = latest_checkpoint(folder)
+    other_kwargs = {**env_kwargs, "model_name_or_path": shuffled_lm}
+    other = make_vec_env("TextGen-v0", n_envs=N_ENVS, env_kwargs=other_kwargs)
+    saved_space = PPO.load(checkpoint.model).observation_space
+    assert other.observation_space.vocab_size == saved_space.vocab_size  # SB3's shape check alone would pass
+    pattern = rf"{re.escape(env_kwargs['model_name_or_path'])}.*tokenizer_fingerprint.*{re.escape(shuffled_lm)}"
+    with pytest.raises(ValueError, match=pattern):
+        PPO.load(checkpoint.model, env=other)
+    with allow_other_tokenizer():  # the documented override
+        model = PPO.load(checkpoint.model, env=other)
+    with pytest.raises(ValueError, match=rf"tokenizer of .*{re.escape(env_kwargs['model_name_or_path'])}.*"
+                                         rf"{re.escape(shuffled_lm)}.*allow_other_tokenizer"):
+        load_training_state(model, checkpoint.training_state)
+    with allow_other_tokenizer():
+        load_training_state(model, checkpoint.training_state)
+
+
+def test_spaces_pickled_before_fingerprints_compare_as_before(make_tiny_env):
+    import pickle
+
+    space = make_tiny_env().observation_space
+    assert space.tokenizer_fingerprint is not None and f"tokenizer_fingerprint={space.tokenizer_fingerprint!r}" in repr(space)
+    old = pickle.loads(pickle.dumps(space))
+    del old.tokenizer_fingerprint  # as unpickled from a zip of an older textgym
+    assert old == space and space == old and not (old != space)
+    assert "tokenizer_fingerprint" not in repr(old)

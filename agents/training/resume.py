@@ -133,6 +133,7 @@ def save_training_state(model: Any, path: str | os.PathLike) -> Path:
         "master_weights": [master.detach().cpu().clone() for master in _separate_masters(model.policy)],
         "envs": [_env_state(env, i) for i, env in enumerate(venv.envs)],
         "algorithm": _algorithm_state(model),
+        "tokenizer": _tokenizer_of(venv.observation_space),
     }
     try:
         data = cloudpickle.dumps(state)
@@ -157,7 +158,8 @@ def load_training_state(model: Any, path: str | os.PathLike) -> None:
     :raises ValueError: not a training-state file, another format version, damaged (its SHA-256
         differs from the one in its header: the message names the file, both digests and says to
         use the previous checkpoint), or it does not match the model (other timestep count: a zip
-        from another moment) or the envs (number, wrappers, type). A file of an older textgym,
+        from another moment) or the envs (number, wrappers, type, a tokenizer with another
+        fingerprint: see :func:`textgym.allow_other_tokenizer`). A file of an older textgym,
         without a checksum, loads with a ``UserWarning``.
     :raises TypeError: the envs cannot be restored (see :func:`save_training_state`).
     """
@@ -171,6 +173,7 @@ def load_training_state(model: Any, path: str | os.PathLike) -> None:
                          "build as many envs as the saved run had")
     for index, (env, saved) in enumerate(zip(venv.envs, state["envs"])):
         _check_same_env(env, saved, index)
+    _check_same_tokenizer(state.get("tokenizer"), _tokenizer_of(venv.observation_space), path)
     _set_masters(model.policy, state["master_weights"], path)
     _set_algorithm_state(model, state.get("algorithm", {}), path)
     model.get_env().reset()
@@ -333,6 +336,24 @@ def _env_state(env: gym.Env, index: int) -> dict[str, Any]:
         "episode": unwrapped.get_episode_state(),
         "wrappers": [(type(w).__name__, _wrapper_state(w)) for w in _wrappers(env)],
     }
+
+
+def _tokenizer_of(space: Any) -> dict[str, Any] | None:
+    """The model name and tokenizer fingerprint of a :class:`textgym.TokenWindowSpace` (``None`` for other spaces)."""
+    fingerprint = getattr(space, "tokenizer_fingerprint", None)
+    return None if fingerprint is None else {"model": space.model_name_or_path, "fingerprint": fingerprint}
+
+
+def _check_same_tokenizer(saved: dict[str, Any] | None, current: dict[str, Any] | None, path: Any) -> None:
+    """Raise ``ValueError`` when the saved run's tokenizer and the env's are both known and differ."""
+    from textgym.spaces import same_tokenizer
+
+    if saved is None or current is None or same_tokenizer(saved["fingerprint"], current["fingerprint"]):
+        return
+    raise ValueError(f"{path} was saved with the tokenizer of {saved['model']!r} (fingerprint {saved['fingerprint']}) "
+                     f"but the env uses that of {current['model']!r} (fingerprint {current['fingerprint']}): the same "
+                     "token ids mean other tokens. Build the env with the saved run's model; if you know both map "
+                     "every id alike, load inside textgym.allow_other_tokenizer()")
 
 
 def _check_same_env(env: gym.Env, saved: dict[str, Any], index: int) -> None:
