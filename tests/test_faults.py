@@ -224,3 +224,67 @@ def test_spaces_pickled_before_fingerprints_compare_as_before(make_tiny_env):
     del old.tokenizer_fingerprint  # as unpickled from a zip of an older textgym
     assert old == space and space == old and not (old != space)
     assert "tokenizer_fingerprint" not in repr(old)
+
+
+def test_damaged_zips_raise_naming_the_file(saved_run, tmp_path):
+    """Truncated anywhere, or with a byte flipped (zipfile's CRC-32 catches flips in the members),
+    a zip loaded through load_algorithm raises ValueError naming it; never SB3's bare AssertionError."""
+    from agents import load_algorithm
+
+    folder, env_kwargs = saved_run
+    env = make_vec_env("TextGen-v0", n_envs=N_ENVS, env_kwargs=env_kwargs)
+    data, outcomes = latest_checkpoint(folder).model.read_bytes(), {"raised": 0, "loaded": 0}
+    for what, damaged in damaged_copies(data):
+        path = tmp_path / "run.zip"
+        path.write_bytes(damaged)
+        try:
+            load_algorithm(path, env)
+            outcomes["loaded"] += 1  # a flip in zip metadata no reader checks; the manifest catches those
+            assert what.startswith("flip"), what
+        except ValueError as error:
+            assert re.search(r"run\.zip could not be loaded by PPO\.load .*use the previous checkpoint", str(error)), what
+            outcomes["raised"] += 1
+    assert outcomes["raised"] >= 12 and sum(outcomes.values()) == 16, outcomes
+
+
+def test_resume_latest_loads_the_newest_whole_checkpoint_or_none(saved_run, shuffled_lm, tmp_path):
+    from agents import resume_latest
+
+    folder, env_kwargs = saved_run
+    assert resume_latest(tmp_path / "empty", make_vec_env("TextGen-v0", n_envs=N_ENVS, env_kwargs=env_kwargs)) is None
+    model = resume_latest(folder, make_vec_env("TextGen-v0", n_envs=N_ENVS, env_kwargs=env_kwargs))
+    assert model.num_timesteps == ROLLOUT and model._last_obs is not None
+    other = make_vec_env("TextGen-v0", n_envs=N_ENVS, env_kwargs={**env_kwargs, "model_name_or_path": shuffled_lm})
+    with pytest.raises(ValueError, match=r"does not fit the env: Observation spaces do not match.*allow_other_tokenizer"):
+        resume_latest(folder, other)
+
+
+def test_reward_models_returning_none_are_named():
+    from textgym.rewards import check_rewards
+
+    with pytest.raises(ValueError, match=r"returned None for 2 completions.*return statement"):
+        check_rewards(None, 2)
+    with pytest.raises(ValueError, match=r"returned None for completion\(s\) \[1\] of 2"):
+        check_rewards([0.5, None], 2)
+
+
+def test_a_missing_local_model_path_is_named(tmp_path):
+    import gymnasium as gym
+
+    from agents import load_causal_lm
+
+    missing = str(tmp_path / "no_such_model")
+    with pytest.raises(FileNotFoundError, match=rf"model path '{re.escape(missing)}' does not exist.*needs internet"):
+        gym.make("TextGen-v0", model_name_or_path=missing, prompts=["a"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_causal_lm(missing)
+
+
+def test_maskable_ppo_without_nlpo_kwargs_fails_at_construction_naming_the_fix(tiny_env_kwargs):
+    from sb3_contrib import MaskablePPO
+
+    from agents import MaskableTransformerPolicy
+
+    env = make_vec_env("TextGen-v0", n_envs=1, env_kwargs=tiny_env_kwargs)
+    with pytest.raises(ValueError, match=r"nlpo_kwargs\(\).*use_masking=False"):
+        MaskablePPO(MaskableTransformerPolicy, env)

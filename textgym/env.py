@@ -23,10 +23,12 @@ def load_tokenizer(model_name_or_path: str):
     """``AutoTokenizer`` for a model name (textgym default, hub id or path), shared within a process.
 
     :raises textgym.assets.AssetError: the default model could not be fetched.
+    :raises FileNotFoundError: a local path that does not exist (:func:`textgym.assets.check_model_path`).
     :raises OSError: transformers could not find the tokenizer (offline and not cached, bad path).
     """
     from transformers import AutoTokenizer
 
+    assets.check_model_path(model_name_or_path)
     return AutoTokenizer.from_pretrained(assets.resolve_pretrained(model_name_or_path))
 
 

@@ -12,7 +12,7 @@ from agents.training.checkpoints import load_adapters, save_adapters
 from agents.training.evaluation import TextEvaluation, evaluate_against_reference, sample_episodes
 from agents.training.export import export_pretrained
 from agents.training.manifest import Checkpoint, latest_checkpoint, verify_checkpoint
-from agents.training.resume import load_training_state, save_training_state
+from agents.training.resume import load_algorithm, load_training_state, resume_latest, save_training_state
 
 __all__ = [
     "Checkpoint",
@@ -23,7 +23,9 @@ __all__ = [
     "export_pretrained",
     "latest_checkpoint",
     "load_adapters",
+    "load_algorithm",
     "load_training_state",
+    "resume_latest",
     "sample_episodes",
     "save_adapters",
     "save_training_state",

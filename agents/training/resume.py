@@ -72,6 +72,8 @@ import os
 import pickle
 import random
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +185,71 @@ def load_training_state(model: Any, path: str | os.PathLike) -> None:
     model._last_episode_starts = copy.deepcopy(state["last_episode_starts"])
     _set_buffered_obs(venv, state["last_obs"])
     _set_rng_state(state["rng"])  # last: resetting the envs above may draw from Python's random (TextArena)
+
+
+def resume_latest(directory: str | os.PathLike, env: Any, algorithm: Any = None, name_prefix: str = "rl_model",
+                  **load_kwargs: Any) -> Any:
+    """Load the newest complete checkpoint of a :class:`agents.RollingCheckpointCallback` folder,
+    its files verified (:func:`agents.latest_checkpoint`), with its training state if it has one.
+
+    Continue with ``model.learn(total - model.num_timesteps, reset_num_timesteps=False)``.
+
+    :param directory: the callback's ``save_path``.
+    :param env: the envs, built as the saved run's (see :func:`load_training_state`).
+    :param algorithm: the SB3 algorithm class (``PPO`` when ``None``; ``MaskablePPO`` for NLPO).
+    :param name_prefix: the callback's ``name_prefix``.
+    :param load_kwargs: passed to ``algorithm.load`` (``device``, ``custom_objects``, ...).
+    :return: the loaded model, or ``None`` when ``directory`` holds no complete checkpoint (start afresh).
+    :raises ValueError: every checkpoint is damaged, the zip cannot be read (the message names it and
+        says to use the previous checkpoint), the env does not match the saved run (other spaces or
+        tokenizer), or what :func:`load_training_state` raises.
+    """
+    from agents.training.manifest import latest_checkpoint
+
+    checkpoint = latest_checkpoint(directory, name_prefix)
+    if checkpoint is None:
+        return None
+    if checkpoint.model is None:
+        raise ValueError(f"{checkpoint.manifest} lists no SB3 zip (an inference-only or adapters-only checkpoint): "
+                         "resume from a RollingCheckpointCallback without inference_only/adapters_only")
+    model = load_algorithm(checkpoint.model, env, algorithm, **load_kwargs)
+    if checkpoint.training_state is not None:
+        load_training_state(model, checkpoint.training_state)
+    return model
+
+
+def load_algorithm(path: str | os.PathLike, env: Any, algorithm: Any = None, **load_kwargs: Any) -> Any:
+    """``algorithm.load(path, env=env)`` whose failures name the file and the fix.
+
+    SB3 reports a damaged zip as a bare ``AssertionError`` or a zipfile error without the path, and
+    an env of another tokenizer as "Observation spaces do not match" without the remedy.
+
+    :param path: an SB3 zip.
+    :param env: the envs to attach.
+    :param algorithm: the SB3 algorithm class (``PPO`` when ``None``).
+    :param load_kwargs: passed to ``algorithm.load``.
+    :return: the loaded model.
+    :raises ValueError: the zip is damaged (truncated, bytes changed) or the env does not fit it.
+    """
+    if algorithm is None:
+        from stable_baselines3 import PPO
+
+        algorithm = PPO
+    damaged = (f"{path} could not be loaded by {algorithm.__name__}.load ({{}}); "
+               f"{DAMAGED} (agents.latest_checkpoint finds the newest whole one)")
+    try:
+        return algorithm.load(path, env=env, **load_kwargs)
+    except (AssertionError, zipfile.BadZipFile, EOFError, pickle.UnpicklingError, RuntimeError, KeyError,
+            UnicodeDecodeError, zlib.error) as error:  # each a way a damaged zip fails inside SB3 or torch
+        raise ValueError(damaged.format(f"{type(error).__name__}: {error}")) from error
+    except ValueError as error:
+        if "wasn't a zip-file" in str(error):  # SB3's own wrapping of zipfile.BadZipFile
+            raise ValueError(damaged.format(error)) from error
+        if "spaces do not match" not in str(error):
+            raise
+        raise ValueError(f"{path} does not fit the env: {error}. Build the env as the saved run did (same model, "
+                         "tokenizer and windows); if only the tokenizer's fingerprint differs and you know both map "
+                         "every id alike, load inside textgym.allow_other_tokenizer()") from error
 
 
 def _dummy_vec_env(model: Any) -> DummyVecEnv:
