@@ -8,6 +8,7 @@ import errno
 import os
 import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -288,3 +289,178 @@ def test_maskable_ppo_without_nlpo_kwargs_fails_at_construction_naming_the_fix(t
     env = make_vec_env("TextGen-v0", n_envs=1, env_kwargs=tiny_env_kwargs)
     with pytest.raises(ValueError, match=r"nlpo_kwargs\(\).*use_masking=False"):
         MaskablePPO(MaskableTransformerPolicy, env)
+
+
+# --- kill -9 and a full disk in a child process -----------------------------------------------------------
+
+KILLS = 24
+"""Kills per run of the kill test, at delays after a save starts spread from 0 to 1.3 times the
+duration of a save (measured first), so that every stage is hit: the zip, its rename, the
+training state, the manifest, the pruning, and the training after it."""
+
+FSIZE_FRACTIONS = [0.0, 0.1, 0.5, 0.9, 0.999]
+"""File-size limits (``RLIMIT_FSIZE``, times the zip's size) under which a child saves: a disk full
+at that point of the zip."""
+
+
+def fork_training(model, folder, setup, learn_timesteps, signal_saves=None, before=None):
+    """Fork a child that continues ``model.learn`` with rolling checkpoints into ``folder`` (a save
+    at every rollout start, the last one kept); returns ``(pid, read end of its pipe)``.
+
+    The child writes ``b"s"`` to the pipe at the start of every save, and at its end ``b"ok"`` or
+    the ``OSError`` it raised; it leaves through ``os._exit``, never through pytest's teardown."""
+    from tests.test_resume import N_STEPS, kl_callback
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write)
+        return pid, read
+    os.close(read)
+    code = 1
+    # Progress bars would write to pytest's capture files, which the file-size limit also stops.
+    sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115  (the child never returns to close it)
+    try:
+        if before is not None:
+            before()
+        save = RollingCheckpointCallback._save
+
+        def signalling(self):
+            os.write(write, b"s")
+            save(self)
+
+        RollingCheckpointCallback._save = signalling
+        checkpoints = RollingCheckpointCallback(save_freq=N_STEPS, save_path=str(folder), keep_last=1,
+                                                training_state=True)
+        model.learn(learn_timesteps, callback=[kl_callback(), checkpoints], reset_num_timesteps=False)
+        os.write(write, b"ok")
+        code = 0
+    except OSError as error:
+        os.write(write, f"OSError {error.errno} {error}".encode())
+        code = 3
+    finally:
+        os._exit(code)
+
+
+def read_all(fd) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+
+
+@pytest.fixture
+def forked_run(tiny_env_kwargs, tmp_path):
+    """(setup, model, folder): a test_resume-style run after 2 rollouts with one complete checkpoint."""
+    from tests.test_resume import N_STEPS, ROLLOUT, kl_callback, make_model
+
+    setup = ("TextGen-v0", {**tiny_env_kwargs, "eos_token_id": None})
+    model = make_model(setup)
+    base = tmp_path / "base"
+    model.learn(2 * ROLLOUT, callback=[kl_callback(), RollingCheckpointCallback(
+        save_freq=N_STEPS, save_path=str(base), keep_last=1, training_state=True)])
+    return setup, model, base
+
+
+def time_one_save(model, folder) -> float:
+    """Seconds of one rolling-checkpoint save of ``model`` (the median of three), written into ``folder``."""
+    import statistics
+    import time
+
+    callback = RollingCheckpointCallback(save_freq=1, save_path=str(folder), keep_last=1, training_state=True)
+    callback.init_callback(model)
+    seconds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        callback._save()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def load_checkpoint(checkpoint, setup):
+    from tests.test_resume import make_env
+
+    model = PPO.load(checkpoint.model, env=make_env(setup))
+    load_training_state(model, checkpoint.training_state)
+    assert model.num_timesteps == checkpoint.steps
+    return model
+
+
+def test_kill_9_at_any_moment_of_a_save_leaves_the_newest_complete_checkpoint_loadable(forked_run, tmp_path):
+    import signal
+    import time
+
+    from tests.test_resume import ROLLOUT, assert_same_run, kl_callback
+
+    from agents.training.resume import _rng_state, _set_rng_state
+
+    setup, model, base = forked_run
+    base_steps, rng = latest_checkpoint(base).steps, _rng_state()  # loading a checkpoint below sets the global RNGs
+    save_seconds = time_one_save(model, tmp_path / "timing")
+    counts = {"trials": 0, "interrupted_saves": 0, "newer_checkpoint": 0, "loaded": 0}
+    last = None
+    for index in range(KILLS):
+        folder = tmp_path / f"trial{index}"
+        shutil.copytree(base, folder)
+        _set_rng_state(rng)  # every child continues the same run (PPO.load below seeds the global generators)
+        pid, pipe = fork_training(model, folder, setup, learn_timesteps=100 * ROLLOUT)
+        assert os.read(pipe, 1) == b"s"  # the child's first save has started
+        time.sleep(1.3 * save_seconds * index / (KILLS - 1))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        read_all(pipe)
+        checkpoint = latest_checkpoint(folder)
+        newest_files = max(int(m.group(1)) for p in folder.iterdir() if (m := re.search(r"_(\d+)_steps", p.name)))
+        counts["interrupted_saves"] += bool(temporaries(folder)) or newest_files > checkpoint.steps
+        counts["newer_checkpoint"] += checkpoint.steps > base_steps
+        load_checkpoint(checkpoint, setup)
+        counts["loaded"] += 1
+        counts["trials"] += 1
+        last = checkpoint
+    assert counts["trials"] == counts["loaded"] == KILLS
+    assert counts["interrupted_saves"] >= 4 and counts["newer_checkpoint"] >= 2, counts  # the kills hit saves
+
+    # One case resumed: equal to the run the kill interrupted, continued uninterrupted (the parent's model).
+    total = last.steps + 2 * ROLLOUT
+    resumed, kl_b = load_checkpoint(last, setup), kl_callback()
+    resumed.learn(total - resumed.num_timesteps, callback=kl_b, reset_num_timesteps=False)
+    kl_a = kl_callback()
+    _set_rng_state(rng)  # the generators as the killed child had them when it was forked
+    model.learn(total - model.num_timesteps, callback=[kl_a, RollingCheckpointCallback(
+        save_freq=5, save_path=str(tmp_path / "reference"), keep_last=1, training_state=True)],
+        reset_num_timesteps=False)
+    assert_same_run(model, resumed, kl_a, kl_b)
+
+
+def test_a_full_disk_in_a_child_leaves_the_last_checkpoint_loadable(forked_run, tmp_path):
+    import resource
+    import signal
+
+    from tests.test_resume import ROLLOUT
+
+    setup, model, base = forked_run
+    base_checkpoint = latest_checkpoint(base)
+    zip_size = base_checkpoint.model.stat().st_size
+    failures = 0
+    for index, fraction in enumerate(FSIZE_FRACTIONS):
+        folder = tmp_path / f"full{index}"
+        shutil.copytree(base, folder)
+        limit = int(zip_size * fraction)
+
+        def fill_disk(limit=limit):
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+        pid, pipe = fork_training(model, folder, setup, learn_timesteps=2 * ROLLOUT, before=fill_disk)
+        _, status = os.waitpid(pid, 0)
+        report = read_all(pipe).lstrip(b"s").decode()
+        assert os.waitstatus_to_exitcode(status) == 3, report
+        assert re.fullmatch(rf"OSError {errno.EFBIG} .*could not write {re.escape(str(folder))}/.*nothing was replaced.*",
+                            report), report
+        assert temporaries(folder) == []
+        checkpoint = latest_checkpoint(folder)
+        assert checkpoint.steps == base_checkpoint.steps
+        load_checkpoint(checkpoint, setup)
+        failures += 1
+    assert failures == len(FSIZE_FRACTIONS)
