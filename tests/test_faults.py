@@ -464,3 +464,37 @@ def test_a_full_disk_in_a_child_leaves_the_last_checkpoint_loadable(forked_run, 
         load_checkpoint(checkpoint, setup)
         failures += 1
     assert failures == len(FSIZE_FRACTIONS)
+
+
+@pytest.mark.parametrize("kind", ["inference_only", "adapters_only"])
+def test_policy_and_adapter_checkpoints_are_verified_too(kind, tiny_env_kwargs, tmp_path):
+    from tests.test_callbacks import train_with_one_checkpoint
+
+    train_with_one_checkpoint(tiny_env_kwargs, tmp_path, lora=True, **{kind: True})
+    checkpoint = latest_checkpoint(tmp_path)
+    part = checkpoint.parts["policy" if kind == "inference_only" else "adapters"]
+    file = part if part.is_file() else part / "adapter_model.safetensors"
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="skipping a damaged"), pytest.raises(ValueError, match=re.escape(file.name)):
+        latest_checkpoint(tmp_path)
+
+
+def test_a_failed_export_leaves_no_half_directory(tiny_env_kwargs, tmp_path, monkeypatch):
+    from agents import export_pretrained
+
+    model = make_model(tiny_env_kwargs)
+    target = tmp_path / "export"
+    monkeypatch.setattr(atomic, "_fsync_file", disk_full)
+    with pytest.raises(OSError, match=rf"could not write {re.escape(str(target))}: No space left"):
+        export_pretrained(model, target)
+    assert not target.exists() and os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    export_pretrained(model, target)
+    (target / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    monkeypatch.setattr(atomic, "_fsync_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_pretrained(model, target, training_settings={"changed": 1})
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before and temporaries(tmp_path) == []

@@ -43,9 +43,9 @@ def _fsync_file(path: Path) -> None:
 
 def _write_failed(path: Path, error: OSError) -> OSError:
     """An ``OSError`` of the same kind that names the final path and says what is left."""
-    reason = error.strerror or str(error)
-    return type(error)(error.errno, f"could not write {path}: {reason}; nothing was replaced (a previous file of "
-                                    "that name is intact): free disk space or fix the folder's permissions and save again")
+    message = (f"could not write {path}: {error.strerror or error}; nothing was replaced (a previous file of that "
+               "name is intact): free disk space or fix the folder's permissions and save again")
+    return type(error)(error.errno, message) if error.errno is not None else OSError(message)
 
 
 @contextlib.contextmanager

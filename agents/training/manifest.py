@@ -120,6 +120,7 @@ def latest_checkpoint(directory: str | os.PathLike, name_prefix: str = "rl_model
 
     Checkpoints are tried newest first; one without a manifest (interrupted) is passed over
     silently, one whose files fail :func:`verify_checkpoint` with a ``UserWarning`` naming the damage.
+    Checkpoints written before textgym wrote manifests are not listed: load them by their path.
 
     :param directory: a :class:`agents.RollingCheckpointCallback`'s ``save_path``.
     :param name_prefix: its ``name_prefix``.
