@@ -445,8 +445,6 @@ def _read(path: Path) -> dict[str, Any]:
     if data.startswith(MAGIC):
         payload = _verified_payload(path, data)
     elif data.startswith(b"\x80"):  # a pickle: a file of textgym before the header, with nothing to verify
-        warnings.warn(f"{path} has no checksum (written by an older textgym): it is loaded unverified; "
-                      "save it again to add one", UserWarning, stacklevel=3)
         payload = data
     else:
         raise ValueError(f"{path} is not a training-state file (written by agents.save_training_state), or its "
@@ -460,6 +458,9 @@ def _read(path: Path) -> dict[str, Any]:
     if state.get("version") != VERSION:
         raise ValueError(f"{path} is a training state of version {state.get('version')}; this textgym reads "
                          f"version {VERSION}")
+    if payload is data:  # warned only now: a pickle of something else is not a training state at all
+        warnings.warn(f"{path} has no checksum (written by an older textgym): it is loaded unverified; "
+                      "save it again to add one", UserWarning, stacklevel=3)
     return state
 
 
