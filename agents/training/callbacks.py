@@ -158,7 +158,9 @@ class RollingCheckpointCallback(CheckpointCallback):
 
     def _init_callback(self) -> None:
         super()._init_callback()
-        for stale in Path(self.save_path).glob(f"{TEMP_PREFIX}{self.name_prefix}_*"):  # left by a killed save
+        folder = Path(self.save_path)
+        stale_files = [*folder.glob(f"{TEMP_PREFIX}{self.name_prefix}_*"), *folder.glob(f"{TEMP_PREFIX}old-{self.name_prefix}_*")]
+        for stale in stale_files:  # left by a killed save
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
             else:
@@ -235,7 +237,9 @@ class RollingCheckpointCallback(CheckpointCallback):
         for step, paths in steps.items():
             if step >= complete[0]:
                 break
-            for path in paths:
+            manifest = manifest_name(self.name_prefix, step)
+            # The manifest first: a kill while pruning never leaves a manifest listing deleted files.
+            for path in sorted(paths, key=lambda path: path.name != manifest):
                 if path.is_dir():
                     shutil.rmtree(path)
                 else:
