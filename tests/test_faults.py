@@ -267,6 +267,8 @@ def test_reward_models_returning_none_are_named():
         check_rewards(None, 2)
     with pytest.raises(ValueError, match=r"returned None for completion\(s\) \[1\] of 2"):
         check_rewards([0.5, None], 2)
+    with pytest.raises(ValueError, match=r"returned None for completion\(s\) \[0\] of 1"):
+        check_rewards(np.array([None]), 1)
 
 
 def test_a_missing_local_model_path_is_named(tmp_path):

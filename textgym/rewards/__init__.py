@@ -71,7 +71,9 @@ def check_rewards(scores: Any, n: int) -> np.ndarray:
     if scores is None:
         raise ValueError(f"reward model returned None for {n} completions; it must return one float per "
                          f"completion, shape ({n},) (does it end without a return statement?)")
-    if isinstance(scores, (list, tuple)) and any(score is None for score in scores):
+    listed = isinstance(scores, (list, tuple)) or (isinstance(scores, np.ndarray) and scores.dtype == object
+                                                   and scores.ndim == 1)
+    if listed and any(score is None for score in scores):
         missing = [i for i, score in enumerate(scores) if score is None]
         raise ValueError(f"reward model returned None for completion(s) {missing} of {n}; every completion needs "
                          "a finite float score (return 0.0, or a penalty, where there is nothing to score)")
