@@ -40,7 +40,8 @@ the model ``PPO.load`` returned and into its fresh envs::
                 reset_num_timesteps=False)
 
 :class:`agents.RollingCheckpointCallback` with ``training_state=True`` writes both files at rollout
-boundaries during ``learn``. The continued run then ends with the same weights, the same Monitor
+boundaries during ``learn``; ``model = resume_latest(save_path, env)`` loads the newest complete
+checkpoint of its folder, verified against its manifest (:func:`agents.latest_checkpoint`). The continued run then ends with the same weights, the same Monitor
 episodes and the same KL coefficient as an uninterrupted one (tested to float tolerance).
 
 Save between PPO iterations only: after ``learn`` returns, or from a callback's
