@@ -296,9 +296,9 @@ def test_maskable_ppo_without_nlpo_kwargs_fails_at_construction_naming_the_fix(t
 # --- kill -9 and a full disk in a child process -----------------------------------------------------------
 
 KILLS = 24
-"""Kills per run of the kill test, at delays after a save starts spread from 0 to 1.3 times the
-duration of a save (measured first), so that every stage is hit: the zip, its rename, the
-training state, the manifest, the pruning, and the training after it."""
+"""Kills per run of the kill test, at delays after a save starts spread from 0 to 2 times the
+duration of a save (measured first; a loaded machine slows the child), so that every stage is
+hit: the zip, its rename, the training state, the manifest, the pruning, and the training after it."""
 
 FSIZE_FRACTIONS = [0.0, 0.1, 0.5, 0.9, 0.999]
 """File-size limits (``RLIMIT_FSIZE``, times the zip's size) under which a child saves: a disk full
@@ -389,6 +389,7 @@ def load_checkpoint(checkpoint, setup):
     return model
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the child is forked from the trained run")
 def test_kill_9_at_any_moment_of_a_save_leaves_the_newest_complete_checkpoint_loadable(forked_run, tmp_path):
     import signal
     import time
@@ -408,7 +409,7 @@ def test_kill_9_at_any_moment_of_a_save_leaves_the_newest_complete_checkpoint_lo
         _set_rng_state(rng)  # every child continues the same run (PPO.load below seeds the global generators)
         pid, pipe = fork_training(model, folder, setup, learn_timesteps=100 * ROLLOUT)
         assert os.read(pipe, 1) == b"s"  # the child's first save has started
-        time.sleep(1.3 * save_seconds * index / (KILLS - 1))
+        time.sleep(2 * save_seconds * index / (KILLS - 1))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         read_all(pipe)
@@ -421,7 +422,7 @@ def test_kill_9_at_any_moment_of_a_save_leaves_the_newest_complete_checkpoint_lo
         counts["trials"] += 1
         last = checkpoint
     assert counts["trials"] == counts["loaded"] == KILLS
-    assert counts["interrupted_saves"] >= 4 and counts["newer_checkpoint"] >= 2, counts  # the kills hit saves
+    assert counts["interrupted_saves"] >= 3 and counts["newer_checkpoint"] >= 1, counts  # kills hit saves, and after
 
     # One case resumed: equal to the run the kill interrupted, continued uninterrupted (the parent's model).
     total = last.steps + 2 * ROLLOUT
@@ -435,6 +436,7 @@ def test_kill_9_at_any_moment_of_a_save_leaves_the_newest_complete_checkpoint_lo
     assert_same_run(model, resumed, kl_a, kl_b)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the child is forked from the trained run")
 def test_a_full_disk_in_a_child_leaves_the_last_checkpoint_loadable(forked_run, tmp_path):
     import resource
     import signal

@@ -40,9 +40,10 @@ the model ``PPO.load`` returned and into its fresh envs::
                 reset_num_timesteps=False)
 
 :class:`agents.RollingCheckpointCallback` with ``training_state=True`` writes both files at rollout
-boundaries during ``learn``; ``model = resume_latest(save_path, env)`` loads the newest complete
-checkpoint of its folder, verified against its manifest (:func:`agents.latest_checkpoint`). The continued run then ends with the same weights, the same Monitor
+boundaries during ``learn``. The continued run then ends with the same weights, the same Monitor
 episodes and the same KL coefficient as an uninterrupted one (tested to float tolerance).
+``model = resume_latest(save_path, env)`` loads the newest complete checkpoint of such a folder,
+verified against its manifest (:func:`agents.latest_checkpoint`), with its training state.
 
 Save between PPO iterations only: after ``learn`` returns, or from a callback's
 ``_on_rollout_start``. In the middle of a rollout (``_on_step``) or between a rollout and its update
