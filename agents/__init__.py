@@ -14,6 +14,9 @@
 - :func:`evaluate_against_reference`, :func:`sample_episodes`: held-out reward, KL, perplexity and diversity, trained vs reference.
 - :class:`SampleTextCallback`: sampled prompts, completions and rewards in TensorBoard and on the console.
 - :class:`RollingCheckpointCallback`: the last K checkpoints; without optimizer state, adapters only, or resumable.
+- :func:`latest_checkpoint`, :func:`verify_checkpoint`, :class:`Checkpoint`: the newest complete checkpoint,
+  its files checked against their manifest (written atomically, so a kill or a full disk loses nothing saved);
+  :func:`resume_latest` loads it (zip and training state), :func:`load_algorithm` loads a zip naming what failed.
 - :func:`export_pretrained`: a Hugging Face model directory (LM, tokenizer, value head, model card).
 
 The modules stand on three floors, each importing only from the floors below it:
@@ -33,9 +36,10 @@ from agents import algorithms
 from agents.algorithms import (TEXT_PPO_DEFAULTS, AdaptiveKLController, EpisodeRolloutBuffer, FixedKLController,
                                GroupRelativeRolloutBuffer, KLPenaltyCallback, group_ppo_kwargs, text_ppo_kwargs)
 from agents.policy import CausalLMExtractor, TransformerPolicy, adapters_disabled, load_causal_lm, merged_lm
-from agents.training import (RollingCheckpointCallback, SampleTextCallback, TextEvaluation, evaluate_against_reference,
-                             export_pretrained, load_adapters, load_training_state, sample_episodes, save_adapters,
-                             save_training_state)
+from agents.training import (Checkpoint, RollingCheckpointCallback, SampleTextCallback, TextEvaluation,
+                             evaluate_against_reference, export_pretrained, latest_checkpoint, load_adapters,
+                             load_algorithm, load_training_state, resume_latest, sample_episodes, save_adapters,
+                             save_training_state, verify_checkpoint)
 from textgym import _moved
 
 _MOVED = {
@@ -69,6 +73,7 @@ __all__ = [
     "RollingCheckpointCallback",
     "SampleTextCallback",
     "CausalLMExtractor",
+    "Checkpoint",
     "EpisodeRolloutBuffer",
     "GroupRelativeRolloutBuffer",
     "TransformerPolicy",
@@ -78,15 +83,19 @@ __all__ = [
     "evaluate_against_reference",
     "export_pretrained",
     "group_ppo_kwargs",
+    "latest_checkpoint",
     "load_adapters",
+    "load_algorithm",
     "load_causal_lm",
     "load_training_state",
     "merged_lm",
     "nlpo_kwargs",
+    "resume_latest",
     "sample_episodes",
     "save_adapters",
     "save_training_state",
     "text_ppo_kwargs",
+    "verify_checkpoint",
 ]
 
 

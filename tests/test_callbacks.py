@@ -59,7 +59,7 @@ class Snapshot(BaseCallback):
 
 
 def test_rolling_checkpoints_keep_the_last_k(tiny_env_kwargs, tmp_path):
-    from agents import RollingCheckpointCallback
+    from agents import RollingCheckpointCallback, latest_checkpoint
 
     env = make_vec_env("TextGen-v0", n_envs=2, seed=0, env_kwargs=tiny_env_kwargs)
     model = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=8, batch_size=16, n_epochs=1))
@@ -67,7 +67,9 @@ def test_rolling_checkpoints_keep_the_last_k(tiny_env_kwargs, tmp_path):
     callback, snapshot = RollingCheckpointCallback(save_freq=8, save_path=str(tmp_path), keep_last=2), Snapshot()
     model.learn(6 * 16, callback=[callback, snapshot])  # one save per rollout: 16, 32, ..., 96 steps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rl_model_80_steps.zip", "rl_model_96_steps.zip",
-                                                          "rl_model_final.zip"]
+                                                          "rl_model_final.zip", "rl_model_manifest_80_steps.json",
+                                                          "rl_model_manifest_96_steps.json"]
+    assert latest_checkpoint(tmp_path).model == tmp_path / "rl_model_96_steps.zip"
     loaded = PPO.load(tmp_path / "rl_model_96_steps.zip", env=env)
     for name, value in snapshot.state.items():
         assert torch.equal(loaded.policy.state_dict()[name], value), name
@@ -91,7 +93,8 @@ def train_with_one_checkpoint(env_kwargs, save_path, lora: bool, **checkpoint_kw
 @pytest.mark.parametrize("lora", [False, True])
 def test_inference_only_checkpoint_has_no_optimizer_and_reloads_the_policy(tiny_env_kwargs, tmp_path, lora):
     env, model, snapshot = train_with_one_checkpoint(tiny_env_kwargs, tmp_path / "ckpt", lora, inference_only=True)
-    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["rl_model_policy_32_steps.pth"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["rl_model_manifest_32_steps.json",
+                                                                     "rl_model_policy_32_steps.pth"]
     model.save(tmp_path / "full.zip")
     assert (tmp_path / "ckpt" / "rl_model_policy_32_steps.pth").stat().st_size < (tmp_path / "full.zip").stat().st_size
     policy = TransformerPolicy.load(tmp_path / "ckpt" / "rl_model_policy_32_steps.pth")
@@ -109,7 +112,8 @@ def test_adapters_only_checkpoints_are_small_folders_that_reload_the_policy(tiny
     from agents import RollingCheckpointCallback, load_adapters
 
     env, model, snapshot = train_with_one_checkpoint(tiny_env_kwargs, tmp_path / "ckpt", lora=True, adapters_only=True)
-    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["rl_model_adapters_32_steps"]  # older folders pruned
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [  # older folders pruned
+        "rl_model_adapters_32_steps", "rl_model_manifest_32_steps.json"]
     policy = load_adapters(tmp_path / "ckpt" / "rl_model_adapters_32_steps")
     model.policy.load_state_dict(snapshot.state)  # the weights at the save (a rollout step, before the last update)
     obs = {k: torch.as_tensor(v) for k, v in env.reset().items()}

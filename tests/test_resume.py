@@ -23,6 +23,7 @@ from agents import (
     KLPenaltyCallback,
     RollingCheckpointCallback,
     TransformerPolicy,
+    latest_checkpoint,
     load_training_state,
     save_training_state,
     text_ppo_kwargs,
@@ -175,8 +176,11 @@ def test_rolling_checkpoints_with_training_state_resume_exactly(tiny_env_kwargs,
     uninterrupted.learn(4 * ROLLOUT, callback=[kl_a, checkpoints])
     # Due after 6 and 12 calls (in rollouts 2 and 3), saved at the next rollout starts: 20 and 30 steps.
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "rl_model_20_steps.zip", "rl_model_30_steps.zip",
-        "rl_model_training_state_20_steps.pkl", "rl_model_training_state_30_steps.pkl"]
+        "rl_model_20_steps.zip", "rl_model_30_steps.zip", "rl_model_manifest_20_steps.json",
+        "rl_model_manifest_30_steps.json", "rl_model_training_state_20_steps.pkl", "rl_model_training_state_30_steps.pkl"]
+    newest = latest_checkpoint(tmp_path)
+    assert (newest.steps, newest.model.name, newest.training_state.name) == (
+        30, "rl_model_30_steps.zip", "rl_model_training_state_30_steps.pkl")
 
     resumed = PPO.load(tmp_path / "rl_model_20_steps.zip", env=make_env(setup))
     load_training_state(resumed, tmp_path / "rl_model_training_state_20_steps.pkl")

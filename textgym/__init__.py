@@ -44,6 +44,7 @@ _PUBLIC = {
     "SequenceClassifierReward": "textgym.rewards.classifier",
     "TextGenEnv": "textgym.env",
     "TokenWindowSpace": "textgym.spaces",
+    "allow_other_tokenizer": "textgym.spaces",
     "movie_review_prompts": "textgym.tasks.sentiment",
 }
 """Public name -> the module defining it (imported on first access of ``textgym.<name>``)."""
@@ -63,6 +64,7 @@ __all__ = [
     "SequenceClassifierReward",
     "TextGenEnv",
     "TokenWindowSpace",
+    "allow_other_tokenizer",
     "movie_review_prompts",
 ]
 __version__ = "0.1.0"

@@ -25,6 +25,7 @@ import csv
 import hashlib
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -267,3 +268,26 @@ def resolve_pretrained(name_or_path: str) -> str:
     :raises AssetError: the default model had to be fetched and could not be.
     """
     return str(smollm2_path()) if name_or_path == DEFAULT_MODEL else name_or_path
+
+
+def check_model_path(name_or_path: str) -> None:
+    """Raise when a model name can only be a local path and that path does not exist.
+
+    Called before ``from_pretrained``, which would otherwise report such a path as a malformed hub
+    repo id ("Repo id must be in the form ...").
+
+    :param name_or_path: a model name as :func:`resolve_pretrained` takes it.
+    :raises FileNotFoundError: ``name_or_path`` is absolute, starts with ``~``, ``./`` or ``../``,
+        or is not of the hub's ``name`` / ``owner/name`` form, and does not exist.
+    """
+    if _looks_local(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
+        raise FileNotFoundError(f"model path {name_or_path!r} does not exist; pass the directory a model was saved to "
+                                "(with config.json and the tokenizer files), or a Hugging Face hub id such as "
+                                "'openai-community/gpt2' (fetched from the hub: needs internet, or the local cache)")
+
+
+def _looks_local(name_or_path: str) -> bool:
+    """Whether a name can only be a local path: absolute, ``~``/``.``-relative, or not of the hub's
+    ``name`` / ``owner/name`` form (transformers would report it as a malformed repo id)."""
+    return (os.path.isabs(name_or_path) or name_or_path.startswith(("~", "./", "../", ".\\"))
+            or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path))

@@ -22,7 +22,7 @@ import numpy as np
 from gymnasium import spaces
 
 from textgym import assets, chat
-from textgym.env import _check_state_keys, check_token_action, load_tokenizer
+from textgym.env import _check_state_keys, check_token_action, fingerprint_of, load_tokenizer
 from textgym.rendering import text_frame
 from textgym.spaces import TokenWindowSpace
 
@@ -187,7 +187,8 @@ class DialogueEnv(gym.Env):
         self._eot_text = None if eot is None else self.tokenizer.decode([eot])
 
         vocab_size = len(self.tokenizer) if vocab_size is None else vocab_size
-        self.observation_space = TokenWindowSpace(vocab_size, max_prompt_tokens, max_context_tokens, model_name_or_path)
+        self.observation_space = TokenWindowSpace(vocab_size, max_prompt_tokens, max_context_tokens, model_name_or_path,
+                                                  tokenizer_fingerprint=fingerprint_of(model_name_or_path))
         self.action_space = spaces.Discrete(vocab_size)
         self.max_context_tokens = int(max_context_tokens)
         self.max_reply_tokens = int(max_reply_tokens)

@@ -15,7 +15,7 @@ from textgym import assets, chat
 from textgym.prompts import as_prompt_list
 from textgym.rendering import text_frame
 from textgym.rewards import as_reward_fn, reward_components
-from textgym.spaces import TokenWindowSpace
+from textgym.spaces import TokenWindowSpace, tokenizer_fingerprint
 
 
 @functools.lru_cache(maxsize=8)
@@ -23,11 +23,19 @@ def load_tokenizer(model_name_or_path: str):
     """``AutoTokenizer`` for a model name (textgym default, hub id or path), shared within a process.
 
     :raises textgym.assets.AssetError: the default model could not be fetched.
+    :raises FileNotFoundError: a local path that does not exist (:func:`textgym.assets.check_model_path`).
     :raises OSError: transformers could not find the tokenizer (offline and not cached, bad path).
     """
     from transformers import AutoTokenizer
 
+    assets.check_model_path(model_name_or_path)
     return AutoTokenizer.from_pretrained(assets.resolve_pretrained(model_name_or_path))
+
+
+@functools.lru_cache(maxsize=8)
+def fingerprint_of(model_name_or_path: str) -> str:
+    """:func:`textgym.spaces.tokenizer_fingerprint` of :func:`load_tokenizer`'s tokenizer, computed once per process."""
+    return tokenizer_fingerprint(load_tokenizer(model_name_or_path))
 
 
 def encode_prompts(tokenizer, prompts: Sequence, chat_template: bool = False,
@@ -195,7 +203,8 @@ class TextGenEnv(gym.Env):
             max_prompt_tokens = max(len(ids) for ids in self._prompt_ids)
         self._check_prompt_tokens(self.prompts, self._prompt_ids, max_prompt_tokens)
 
-        self.observation_space = TokenWindowSpace(vocab_size, max_prompt_tokens, max_new_tokens, model_name_or_path)
+        self.observation_space = TokenWindowSpace(vocab_size, max_prompt_tokens, max_new_tokens, model_name_or_path,
+                                                  tokenizer_fingerprint=fingerprint_of(model_name_or_path))
         self.action_space = spaces.Discrete(vocab_size)
         self.max_new_tokens = max_new_tokens
         self.reward_fn = as_reward_fn(reward_model)

@@ -41,6 +41,7 @@ Design decisions:
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import numpy as np
@@ -133,6 +134,30 @@ def _check_nlpo_args(top_p: float, target_update_iterations: int, min_tokens_to_
                          "tokenizer, or None for its EOS and end-of-turn tokens")
 
 
+def _check_built_with_nlpo_kwargs(frame: Any) -> None:
+    """Raise ``ValueError`` when a ``MaskablePPO`` builds this policy without any rollout buffer class.
+
+    ``MaskablePPO`` builds its policy before its rollout buffer and hands the policy nothing of
+    itself, so the constructing algorithm is found among the callers (``self`` of
+    ``MaskablePPO._setup_model``). Without this check a model built without :func:`nlpo_kwargs`
+    fails only in ``learn()``, with sb3-contrib's "Environment does not support action masking.
+    Consider using ActionMasker wrapper", which points away from the fix. An explicit
+    ``rollout_buffer_class`` is left alone (its errors come at ``learn``, see :class:`NLPOCallback`).
+
+    :param frame: this constructor's frame (``None`` where the interpreter has none: no check).
+    """
+    for _ in range(4):  # __init__ <- (a subclass's __init__) <- MaskablePPO._setup_model
+        frame = frame.f_back if frame is not None else None
+        algorithm = frame.f_locals.get("self") if frame is not None else None
+        if isinstance(algorithm, MaskablePPO):
+            if algorithm.rollout_buffer_class is None:
+                raise ValueError("MaskablePPO(MaskableTransformerPolicy, env) was built without NLPO's rollout buffer: "
+                                 "build it with MaskablePPO(MaskableTransformerPolicy, env, **agents.nlpo_kwargs()) "
+                                 "and train with model.learn(n, callback=agents.NLPOCallback(), use_masking=False) "
+                                 "(TextGen envs have no action_masks(); NLPO's masks come from the policy)")
+            return
+
+
 class MaskableTransformerPolicy(TransformerPolicy):
     """:class:`agents.TransformerPolicy` for sb3-contrib's ``MaskablePPO``, with NLPO's nucleus mask.
 
@@ -181,7 +206,9 @@ class MaskableTransformerPolicy(TransformerPolicy):
         with a chat template, its end-of-turn token (:func:`textgym.chat.stop_token_ids`).
     :param kwargs: :class:`agents.TransformerPolicy` arguments.
     :raises ValueError: ``top_p`` outside ``(0, 1]``, ``target_update_iterations`` or
-        ``min_tokens_to_keep`` not an integer ``>= 1``, a stop token id outside the vocabulary
+        ``min_tokens_to_keep`` not an integer ``>= 1``, a stop token id outside the vocabulary,
+        ``top_p < 1`` in a ``MaskablePPO`` built without :func:`nlpo_kwargs` (no
+        ``rollout_buffer_class``: the message names ``nlpo_kwargs()`` and ``use_masking=False``)
         (all checked before the LM is loaded); and what :class:`agents.TransformerPolicy` raises.
     """
 
@@ -190,6 +217,8 @@ class MaskableTransformerPolicy(TransformerPolicy):
                  stop_token_ids: list[int] | None = None, **kwargs: Any):
         _check_nlpo_args(top_p, target_update_iterations, min_tokens_to_keep, stop_token_ids,
                          int(getattr(action_space, "n", 0)))
+        if top_p < 1:
+            _check_built_with_nlpo_kwargs(inspect.currentframe())
         self.top_p = float(top_p)
         self.target_update_iterations = int(target_update_iterations)
         self.min_tokens_to_keep = int(min_tokens_to_keep)

@@ -16,13 +16,15 @@ def load_causal_lm(model_name_or_path: str, **from_pretrained_kwargs: Any):
     :param from_pretrained_kwargs: passed to ``from_pretrained`` (e.g. ``revision``,
         ``attn_implementation``); ``dtype`` defaults to ``torch.float32``.
     :raises textgym.assets.AssetError: the default model could not be fetched.
+    :raises FileNotFoundError: a local path that does not exist (:func:`textgym.assets.check_model_path`).
     :raises OSError: transformers could not find the model.
     :raises ValueError: the model is an encoder-decoder (T5, BART, ...), not a causal LM.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from textgym.assets import resolve_pretrained
+    from textgym.assets import check_model_path, resolve_pretrained
 
+    check_model_path(model_name_or_path)
     path = resolve_pretrained(model_name_or_path)
     config_keys = ("revision", "trust_remote_code", "token", "gguf_file", "subfolder")
     try:

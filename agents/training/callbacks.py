@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 import shutil
 from pathlib import Path
@@ -11,7 +10,9 @@ from typing import Any
 
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 
+from agents.training.atomic import TEMP_PREFIX, atomic_path
 from agents.training.checkpoints import save_adapters
+from agents.training.manifest import manifest_name, write_manifest
 from agents.training.resume import save_training_state
 
 
@@ -119,8 +120,13 @@ class RollingCheckpointCallback(CheckpointCallback):
       no optimizer state (:func:`agents.training.checkpoints.save_adapters`; load with
       :func:`agents.training.checkpoints.load_adapters`): a few MB instead of the LM's size;
 
-    then deletes this callback's checkpoints (and VecNormalize / replay-buffer / training-state
-    files of the same steps) older than the ``keep_last`` newest.
+    Every file is written atomically (:mod:`agents.training.atomic`: a temporary name, then a rename)
+    and the checkpoint is complete only once its manifest ``{name_prefix}_manifest_{steps}_steps.json``
+    (sizes and SHA-256 of its files, :mod:`agents.training.manifest`) is written, last;
+    :func:`agents.latest_checkpoint` returns the newest complete one. Then this deletes the
+    checkpoints (and VecNormalize / replay-buffer / training-state files of the same steps) older
+    than the ``keep_last`` newest complete ones, so a kill or a failed save never costs the last
+    good checkpoint. A failed save raises the ``OSError`` naming the file (disk full, permission).
 
     :param save_freq: save every ``save_freq`` calls of the callback, >= 1.
     :param save_path: folder of the checkpoints (created if missing).
@@ -152,6 +158,13 @@ class RollingCheckpointCallback(CheckpointCallback):
 
     def _init_callback(self) -> None:
         super()._init_callback()
+        folder = Path(self.save_path)
+        stale_files = [*folder.glob(f"{TEMP_PREFIX}{self.name_prefix}_*"), *folder.glob(f"{TEMP_PREFIX}old-{self.name_prefix}_*")]
+        for stale in stale_files:  # left by a killed save
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
         if self.adapters_only and getattr(self.model.policy, "peft_model", None) is None:
             raise ValueError("adapters_only=True needs a LoRA policy (policy_kwargs=dict(lora_config=...)); "
                              "use inference_only=True for a policy without adapters")
@@ -170,27 +183,41 @@ class RollingCheckpointCallback(CheckpointCallback):
             self._save()
 
     def _save(self) -> None:
-        if self.adapters_only:
-            path = os.path.join(self.save_path, f"{self.name_prefix}_adapters_{self.num_timesteps}_steps")
-            save_adapters(self.model.policy, path)
-        elif self.inference_only:
-            path = self._checkpoint_path("policy_", extension="pth")
-            self.model.policy.save(path)
-        elif self.training_state:
-            path = self._checkpoint_path(extension="zip")
-            self.model.save(path)
-            save_training_state(self.model, self._checkpoint_path("training_state_", extension="pkl"))
-        else:
-            super()._on_step()  # SB3's own save (its n_calls check holds: called on a multiple of save_freq)
-            path = None
-        if path is not None and self.verbose >= 2:
-            print(f"Saving checkpoint to {path}")
+        parts = self._write_parts()
+        write_manifest(self.save_path, self.name_prefix, self.num_timesteps, parts)  # last: the set is now complete
+        if self.verbose >= 2:
+            print(f"Saving checkpoint to {next(iter(parts.values()))}")
         if self.keep_last is not None:
             self._prune()
 
+    def _write_parts(self) -> dict[str, Path]:
+        """Write this checkpoint's files, each atomically; kind -> path (see :class:`agents.training.manifest.Checkpoint`)."""
+        if self.adapters_only:
+            path = Path(self.save_path) / f"{self.name_prefix}_adapters_{self.num_timesteps}_steps"
+            return {"adapters": save_adapters(self.model.policy, path)}
+        if self.inference_only:
+            path = Path(self._checkpoint_path("policy_", extension="pth"))
+            with atomic_path(path) as temporary:
+                self.model.policy.save(temporary)
+            return {"policy": path}
+        parts = {"model": Path(self._checkpoint_path(extension="zip"))}
+        with atomic_path(parts["model"]) as temporary:  # ends in .zip, so SB3 adds no suffix of its own
+            self.model.save(temporary)
+        if self.training_state:
+            parts["training_state"] = save_training_state(self.model, self._checkpoint_path("training_state_", extension="pkl"))
+        if self.save_replay_buffer and getattr(self.model, "replay_buffer", None) is not None:
+            parts["replay_buffer"] = Path(self._checkpoint_path("replay_buffer_", extension="pkl"))
+            with atomic_path(parts["replay_buffer"]) as temporary:
+                self.model.save_replay_buffer(temporary)
+        if self.save_vecnormalize and self.model.get_vec_normalize_env() is not None:
+            parts["vecnormalize"] = Path(self._checkpoint_path("vecnormalize_", extension="pkl"))
+            with atomic_path(parts["vecnormalize"]) as temporary:
+                self.model.get_vec_normalize_env().save(temporary)
+        return parts
+
     def checkpoints(self) -> dict[int, list[Path]]:
         """This callback's files and folders in ``save_path`` by the step count in their names, oldest first."""
-        kinds = "policy_|adapters_|training_state_|vecnormalize_|replay_buffer_"
+        kinds = "manifest_|policy_|adapters_|training_state_|vecnormalize_|replay_buffer_"
         pattern = re.compile(rf"{re.escape(self.name_prefix)}_(?:{kinds})?(\d+)_steps(?:\.\w+)?")
         found: dict[int, list[Path]] = {}
         for path in Path(self.save_path).iterdir():
@@ -200,9 +227,19 @@ class RollingCheckpointCallback(CheckpointCallback):
         return dict(sorted(found.items()))
 
     def _prune(self) -> None:
-        steps = list(self.checkpoints().items())
-        for _, paths in steps[:-self.keep_last]:
-            for path in paths:
+        """Delete the checkpoints older than the ``keep_last`` newest *complete* ones (those with a
+        manifest): an interrupted newer save never costs a complete older checkpoint."""
+        steps = self.checkpoints()
+        manifests = {step for step in steps if (Path(self.save_path) / manifest_name(self.name_prefix, step)).is_file()}
+        complete = sorted(manifests)[-self.keep_last:]
+        if len(complete) < self.keep_last:
+            return
+        for step, paths in steps.items():
+            if step >= complete[0]:
+                break
+            manifest = manifest_name(self.name_prefix, step)
+            # The manifest first: a kill while pruning never leaves a manifest listing deleted files.
+            for path in sorted(paths, key=lambda path: path.name != manifest):
                 if path.is_dir():
                     shutil.rmtree(path)
                 else:

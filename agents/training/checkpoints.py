@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from agents.policy import TransformerPolicy
+from agents.training.atomic import atomic_directory
 
 POLICY_CONFIG_FILE = "policy_config.pth"
 """The policy's constructor arguments in an adapters checkpoint (``torch.save``, as SB3's ``policy.save``)."""
@@ -43,9 +44,11 @@ def save_adapters(policy, path: str | os.PathLike) -> Path:
     checkpoint, like ``RollingCheckpointCallback(inference_only=True)``).
 
     :param policy: a :class:`agents.TransformerPolicy` built with ``lora_config``.
-    :param path: folder to write (created; files of the same names are replaced).
+    :param path: folder to write, atomically: filled under a temporary name, then renamed into place
+        (an existing folder of that name is replaced whole).
     :return: the folder.
     :raises ValueError: the policy has no LoRA adapters.
+    :raises OSError: the folder could not be written (disk full, permission); ``path`` is unchanged.
     """
     import torch
     from safetensors.torch import save_file
@@ -54,14 +57,13 @@ def save_adapters(policy, path: str | os.PathLike) -> Path:
     if peft_model is None:
         raise ValueError("the policy has no LoRA adapters, so there is nothing smaller to save; "
                          "use policy.save(path) (TransformerPolicy.load reads it)")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(path, save_embedding_layers=False)  # the base LM's layers are never resized here
     heads = {name: tensor.detach().cpu().contiguous() for name, tensor in policy.state_dict().items()
              if not name.startswith(_LM_PREFIXES)}
-    save_file(heads, path / HEADS_FILE)
-    torch.save({"data": policy._get_constructor_parameters()}, path / POLICY_CONFIG_FILE)
-    return path
+    with atomic_directory(path) as folder:  # a kill mid-save leaves no half folder under the final name
+        peft_model.save_pretrained(folder, save_embedding_layers=False)  # the base LM's layers are never resized here
+        save_file(heads, folder / HEADS_FILE)
+        torch.save({"data": policy._get_constructor_parameters()}, folder / POLICY_CONFIG_FILE)
+    return Path(path)
 
 
 def load_adapters(path: str | os.PathLike, policy=None, device: str = "auto"):

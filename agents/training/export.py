@@ -23,6 +23,8 @@ from typing import Any
 
 import torch as th
 
+from agents.training.atomic import atomic_directory
+
 VALUE_HEAD_FILE = "value_head.safetensors"
 """File name of the exported value head, inside the export directory."""
 
@@ -39,7 +41,10 @@ def export_pretrained(model: Any, directory: str | os.PathLike, *, evaluation: A
                       reward_model: Any = None, training_settings: Mapping[str, Any] | None = None) -> Path:
     """Write a trained text policy as a Hugging Face model directory with a model card.
 
-    Files written to ``directory`` (created if missing; files of the same names are overwritten):
+    Files written to ``directory`` (created if missing; files of the same names are overwritten,
+    others kept). Everything is first written to a temporary folder beside it, then a new
+    ``directory`` is renamed into place at once, or each file is renamed into an existing one, so a
+    kill or a full disk never leaves a truncated file under a final name:
 
     - ``config.json``, ``model.safetensors``: the policy's LM via ``save_pretrained``. With LoRA the
       adapters are merged into a copy of the weights (:func:`agents.policy.lora.merged_lm`), so the files
@@ -76,7 +81,8 @@ def export_pretrained(model: Any, directory: str | os.PathLike, *, evaluation: A
     :raises TypeError: ``model`` is neither a TransformerPolicy nor a model whose ``policy`` is one;
         ``evaluation`` is not a ``TextEvaluation`` or a dict of them; ``training_settings`` is not a mapping.
     :raises textgym.assets.AssetError: the textgym default model's tokenizer could not be fetched.
-    :raises OSError: the tokenizer could not be loaded, or ``directory`` could not be written.
+    :raises OSError: the tokenizer could not be loaded, or ``directory`` could not be written (the
+        message names it; nothing in it was replaced).
     """
     from safetensors.torch import save_file
 
@@ -88,19 +94,16 @@ def export_pretrained(model: Any, directory: str | os.PathLike, *, evaluation: A
         raise TypeError(f"training_settings must be a dict of setting -> value, got {type(training_settings).__name__}")
     tokenizer = _tokenizer(policy)  # before writing anything: a missing tokenizer leaves no half export
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     lm = policy.lm if policy.peft_model is None else merged_lm(policy)
-    lm.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    _generation_config(lm, tokenizer).save_pretrained(directory)
-
     tensors, metadata = _value_head(policy)
-    save_file(tensors, str(directory / VALUE_HEAD_FILE), metadata=metadata)
-
     card = _model_card(model, policy, lm, evaluations, reward_model, dict(training_settings or {}))
-    (directory / "README.md").write_text(card, encoding="utf-8")
-    return directory
+    with atomic_directory(directory, merge=True) as folder:  # a kill or full disk leaves no half-written weights
+        lm.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        _generation_config(lm, tokenizer).save_pretrained(folder)
+        save_file(tensors, str(folder / VALUE_HEAD_FILE), metadata=metadata)
+        (folder / "README.md").write_text(card, encoding="utf-8")
+    return Path(directory)
 
 
 def _transformer_policy(model: Any):

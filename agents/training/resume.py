@@ -42,6 +42,8 @@ the model ``PPO.load`` returned and into its fresh envs::
 :class:`agents.RollingCheckpointCallback` with ``training_state=True`` writes both files at rollout
 boundaries during ``learn``. The continued run then ends with the same weights, the same Monitor
 episodes and the same KL coefficient as an uninterrupted one (tested to float tolerance).
+``model = resume_latest(save_path, env)`` loads the newest complete checkpoint of such a folder,
+verified against its manifest (:func:`agents.latest_checkpoint`), with its training state.
 
 Save between PPO iterations only: after ``learn`` returns, or from a callback's
 ``_on_rollout_start``. In the middle of a rollout (``_on_step``) or between a rollout and its update
@@ -59,15 +61,21 @@ samples them); ``np_random_seed`` (``-1`` after a resume, as Gymnasium reports f
 directly). TensorBoard continues in the run's last directory (SB3's behaviour with
 ``reset_num_timesteps=False``).
 
-The file is a pickle (``cloudpickle``, as SB3's zip uses): load only files you trust.
+The file is a header (:data:`MAGIC`, a version and the SHA-256 of the rest) and a pickle
+(``cloudpickle``, as SB3's zip uses): :func:`load_training_state` refuses a file whose bytes changed
+since the save, but a checksum is no signature: load only files you trust.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import pickle
 import random
+import warnings
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +86,20 @@ import torch as th
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper, VecFrameStack, VecMonitor, VecNormalize
 
+from agents.training.atomic import atomic_write_bytes
+from agents.training.manifest import DAMAGED
+
 FORMAT = "textgym.training_state"
 """The ``format`` entry of a training-state file."""
 
 VERSION = 1
 """The ``version`` entry of files this module writes; other versions raise on load."""
+
+MAGIC = b"textgym.training_state\n"
+"""First bytes of a training-state file; a header line ``<HEADER_VERSION> <sha256 hex>`` and the pickle follow."""
+
+HEADER_VERSION = 1
+"""Version of the header; files without one (older textgym: a bare pickle) load with a warning."""
 
 MONITOR_FIELDS = ("rewards", "needs_reset", "episode_returns", "episode_lengths", "episode_times", "total_steps",
                   "current_reset_info")
@@ -99,8 +116,10 @@ def save_training_state(model: Any, path: str | os.PathLike) -> Path:
 
     :param model: an SB3 algorithm (``PPO``, ``A2C``, ...) whose env is a ``DummyVecEnv`` of envs
         with ``get_episode_state`` (every textgym env), possibly inside stateless VecEnv wrappers.
-    :param path: file to write (parent folders are created); e.g. ``run_state.pkl``.
+    :param path: file to write (parent folders are created; written atomically, so a kill leaves the
+        previous file of that name whole); e.g. ``run_state.pkl``.
     :return: the path written.
+    :raises OSError: the file could not be written (disk full, permission); the message names it.
     :raises ValueError: the model has not collected a step yet (nothing to resume), or is in the
         middle of a rollout or between a rollout and its update.
     :raises TypeError: the envs cannot be saved: ``SubprocVecEnv``, a stateful VecEnv wrapper, an
@@ -118,16 +137,14 @@ def save_training_state(model: Any, path: str | os.PathLike) -> Path:
         "master_weights": [master.detach().cpu().clone() for master in _separate_masters(model.policy)],
         "envs": [_env_state(env, i) for i, env in enumerate(venv.envs)],
         "algorithm": _algorithm_state(model),
+        "tokenizer": _tokenizer_of(venv.observation_space),
     }
     try:
         data = cloudpickle.dumps(state)
     except Exception as error:  # any object in an episode state may refuse to pickle, each in its own way
         raise TypeError(f"the training state cannot be pickled ({type(error).__name__}: {error}); every env's "
                         "episode state (a DialogueEnv's game) must be picklable to be saved") from error
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
+    return atomic_write_bytes(path, _with_header(data))
 
 
 def load_training_state(model: Any, path: str | os.PathLike) -> None:
@@ -142,8 +159,12 @@ def load_training_state(model: Any, path: str | os.PathLike) -> None:
 
     :param model: the loaded SB3 algorithm, with its env set.
     :param path: a file written by :func:`save_training_state`.
-    :raises ValueError: not a training-state file, another format version, or it does not match the
-        model (other timestep count: a zip from another moment) or the envs (number, wrappers, type).
+    :raises ValueError: not a training-state file, another format version, damaged (its SHA-256
+        differs from the one in its header: the message names the file, both digests and says to
+        use the previous checkpoint), or it does not match the model (other timestep count: a zip
+        from another moment) or the envs (number, wrappers, type, a tokenizer with another
+        fingerprint: see :func:`textgym.allow_other_tokenizer`). A file of an older textgym,
+        without a checksum, loads with a ``UserWarning``.
     :raises TypeError: the envs cannot be restored (see :func:`save_training_state`).
     """
     state = _read(Path(path))
@@ -156,6 +177,7 @@ def load_training_state(model: Any, path: str | os.PathLike) -> None:
                          "build as many envs as the saved run had")
     for index, (env, saved) in enumerate(zip(venv.envs, state["envs"])):
         _check_same_env(env, saved, index)
+    _check_same_tokenizer(state.get("tokenizer"), _tokenizer_of(venv.observation_space), path)
     _set_masters(model.policy, state["master_weights"], path)
     _set_algorithm_state(model, state.get("algorithm", {}), path)
     model.get_env().reset()
@@ -165,6 +187,71 @@ def load_training_state(model: Any, path: str | os.PathLike) -> None:
     model._last_episode_starts = copy.deepcopy(state["last_episode_starts"])
     _set_buffered_obs(venv, state["last_obs"])
     _set_rng_state(state["rng"])  # last: resetting the envs above may draw from Python's random (TextArena)
+
+
+def resume_latest(directory: str | os.PathLike, env: Any, algorithm: Any = None, name_prefix: str = "rl_model",
+                  **load_kwargs: Any) -> Any:
+    """Load the newest complete checkpoint of a :class:`agents.RollingCheckpointCallback` folder,
+    its files verified (:func:`agents.latest_checkpoint`), with its training state if it has one.
+
+    Continue with ``model.learn(total - model.num_timesteps, reset_num_timesteps=False)``.
+
+    :param directory: the callback's ``save_path``.
+    :param env: the envs, built as the saved run's (see :func:`load_training_state`).
+    :param algorithm: the SB3 algorithm class (``PPO`` when ``None``; ``MaskablePPO`` for NLPO).
+    :param name_prefix: the callback's ``name_prefix``.
+    :param load_kwargs: passed to ``algorithm.load`` (``device``, ``custom_objects``, ...).
+    :return: the loaded model, or ``None`` when ``directory`` holds no complete checkpoint (start afresh).
+    :raises ValueError: every checkpoint is damaged, the zip cannot be read (the message names it and
+        says to use the previous checkpoint), the env does not match the saved run (other spaces or
+        tokenizer), or what :func:`load_training_state` raises.
+    """
+    from agents.training.manifest import latest_checkpoint
+
+    checkpoint = latest_checkpoint(directory, name_prefix)
+    if checkpoint is None:
+        return None
+    if checkpoint.model is None:
+        raise ValueError(f"{checkpoint.manifest} lists no SB3 zip (an inference-only or adapters-only checkpoint): "
+                         "resume from a RollingCheckpointCallback without inference_only/adapters_only")
+    model = load_algorithm(checkpoint.model, env, algorithm, **load_kwargs)
+    if checkpoint.training_state is not None:
+        load_training_state(model, checkpoint.training_state)
+    return model
+
+
+def load_algorithm(path: str | os.PathLike, env: Any, algorithm: Any = None, **load_kwargs: Any) -> Any:
+    """``algorithm.load(path, env=env)`` whose failures name the file and the fix.
+
+    SB3 reports a damaged zip as a bare ``AssertionError`` or a zipfile error without the path, and
+    an env of another tokenizer as "Observation spaces do not match" without the remedy.
+
+    :param path: an SB3 zip.
+    :param env: the envs to attach.
+    :param algorithm: the SB3 algorithm class (``PPO`` when ``None``).
+    :param load_kwargs: passed to ``algorithm.load``.
+    :return: the loaded model.
+    :raises ValueError: the zip is damaged (truncated, bytes changed) or the env does not fit it.
+    """
+    if algorithm is None:
+        from stable_baselines3 import PPO
+
+        algorithm = PPO
+    damaged = (f"{path} could not be loaded by {algorithm.__name__}.load ({{}}); "
+               f"{DAMAGED} (agents.latest_checkpoint finds the newest whole one)")
+    try:
+        return algorithm.load(path, env=env, **load_kwargs)
+    except (AssertionError, zipfile.BadZipFile, EOFError, pickle.UnpicklingError, RuntimeError, KeyError,
+            UnicodeDecodeError, zlib.error) as error:  # each a way a damaged zip fails inside SB3 or torch
+        raise ValueError(damaged.format(f"{type(error).__name__}: {error}")) from error
+    except ValueError as error:
+        if "wasn't a zip-file" in str(error):  # SB3's own wrapping of zipfile.BadZipFile
+            raise ValueError(damaged.format(error)) from error
+        if "spaces do not match" not in str(error):
+            raise
+        raise ValueError(f"{path} does not fit the env: {error}. Build the env as the saved run did (same model, "
+                         "tokenizer and windows); if only the tokenizer's fingerprint differs and you know both map "
+                         "every id alike, load inside textgym.allow_other_tokenizer()") from error
 
 
 def _dummy_vec_env(model: Any) -> DummyVecEnv:
@@ -320,6 +407,24 @@ def _env_state(env: gym.Env, index: int) -> dict[str, Any]:
     }
 
 
+def _tokenizer_of(space: Any) -> dict[str, Any] | None:
+    """The model name and tokenizer fingerprint of a :class:`textgym.TokenWindowSpace` (``None`` for other spaces)."""
+    fingerprint = getattr(space, "tokenizer_fingerprint", None)
+    return None if fingerprint is None else {"model": space.model_name_or_path, "fingerprint": fingerprint}
+
+
+def _check_same_tokenizer(saved: dict[str, Any] | None, current: dict[str, Any] | None, path: Any) -> None:
+    """Raise ``ValueError`` when the saved run's tokenizer and the env's are both known and differ."""
+    from textgym.spaces import same_tokenizer
+
+    if saved is None or current is None or same_tokenizer(saved["fingerprint"], current["fingerprint"]):
+        return
+    raise ValueError(f"{path} was saved with the tokenizer of {saved['model']!r} (fingerprint {saved['fingerprint']}) "
+                     f"but the env uses that of {current['model']!r} (fingerprint {current['fingerprint']}): the same "
+                     "token ids mean other tokens. Build the env with the saved run's model; if you know both map "
+                     "every id alike, load inside textgym.allow_other_tokenizer()")
+
+
 def _check_same_env(env: gym.Env, saved: dict[str, Any], index: int) -> None:
     """Raise ``ValueError`` unless ``env`` has the saved env's class and wrappers."""
     layers = [type(w).__name__ for w in _wrappers(env)] + [type(env.unwrapped).__name__]
@@ -337,15 +442,43 @@ def _restore_env(env: gym.Env, saved: dict[str, Any]) -> None:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    """The training state in ``path``, checked for its format and version."""
+    """The training state in ``path``, its checksum verified, checked for its format and version."""
+    data = path.read_bytes()
+    if data.startswith(MAGIC):
+        payload = _verified_payload(path, data)
+    elif data.startswith(b"\x80"):  # a pickle: a file of textgym before the header, with nothing to verify
+        payload = data
+    else:
+        raise ValueError(f"{path} is not a training-state file (written by agents.save_training_state), or its "
+                         f"header is damaged (it starts {data[:16]!r}); if it is one, {DAMAGED}")
     try:
-        with path.open("rb") as file:
-            state = pickle.load(file)
-    except (pickle.UnpicklingError, EOFError) as error:  # e.g. the zip passed instead of the state file
-        raise ValueError(f"{path} is not a training-state file (written by agents.save_training_state): {error}") from error
+        state = pickle.loads(payload)
+    except Exception as error:  # noqa: BLE001  (a damaged pickle fails in any of many ways: decoding, EOF, a missing class)
+        raise ValueError(f"{path} could not be unpickled ({type(error).__name__}: {error}); {DAMAGED}") from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a training-state file (written by agents.save_training_state)")
     if state.get("version") != VERSION:
         raise ValueError(f"{path} is a training state of version {state.get('version')}; this textgym reads "
                          f"version {VERSION}")
+    if payload is data:  # warned only now: a pickle of something else is not a training state at all
+        warnings.warn(f"{path} has no checksum (written by an older textgym): it is loaded unverified; "
+                      "save it again to add one", UserWarning, stacklevel=3)
     return state
+
+
+def _with_header(payload: bytes) -> bytes:
+    """``payload`` behind the header: :data:`MAGIC`, then ``b"<HEADER_VERSION> <sha256 hex of payload>\\n"``."""
+    return MAGIC + f"{HEADER_VERSION} {hashlib.sha256(payload).hexdigest()}\n".encode() + payload
+
+
+def _verified_payload(path: Path, data: bytes) -> bytes:
+    """The payload of a file with a header, after checking its SHA-256."""
+    line, newline, payload = data[len(MAGIC):].partition(b"\n")
+    fields = line.split(b" ")
+    if not newline or len(fields) != 2 or fields[0] != str(HEADER_VERSION).encode():
+        raise ValueError(f"{path} has a damaged or unknown header ({line[:80]!r}, this textgym writes version "
+                         f"{HEADER_VERSION}); {DAMAGED}")
+    expected, actual = fields[1].decode("ascii", "replace"), hashlib.sha256(payload).hexdigest()
+    if actual != expected:
+        raise ValueError(f"{path} fails its checksum: expected SHA-256 {expected}, actual {actual}; {DAMAGED}")
+    return payload

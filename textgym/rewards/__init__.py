@@ -68,6 +68,15 @@ def check_rewards(scores: Any, n: int) -> np.ndarray:
     :return: ``np.float64`` array of shape ``(n,)``.
     :raises ValueError: not a flat sequence of ``n`` numbers, or a score is NaN or infinite.
     """
+    if scores is None:
+        raise ValueError(f"reward model returned None for {n} completions; it must return one float per "
+                         f"completion, shape ({n},) (does it end without a return statement?)")
+    listed = isinstance(scores, (list, tuple)) or (isinstance(scores, np.ndarray) and scores.dtype == object
+                                                   and scores.ndim == 1)
+    if listed and any(score is None for score in scores):
+        missing = [i for i, score in enumerate(scores) if score is None]
+        raise ValueError(f"reward model returned None for completion(s) {missing} of {n}; every completion needs "
+                         "a finite float score (return 0.0, or a penalty, where there is nothing to score)")
     torch = sys.modules.get("torch")  # a torch tensor implies torch is imported; never import it here
     if torch is not None and isinstance(scores, torch.Tensor):
         scores = scores.detach().cpu().numpy()
