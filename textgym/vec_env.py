@@ -15,7 +15,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepR
 
 
 class GroupedPrompts(VecEnvWrapper):
-    """SB3 ``VecEnv`` wrapper: envs ``g*k .. g*k + k - 1`` form group ``g`` and get the same prompts.
+    """SB3 ``VecEnv`` wrapper: envs ``g*k`` to ``g*k + k - 1`` form group ``g`` and get the same prompts.
 
     RLOO (Ahmadian et al. 2024) and GRPO (Shao et al. 2024) sample ``k`` completions of each
     prompt and take the other samples' rewards as the baseline. Here a group's ``k`` envs are
