@@ -56,7 +56,7 @@ class AdaptiveKLController:
     here (``examples/train_sentiment.py``) is 384 episodes of 16 tokens, 16 per rollout, where that
     horizon lets ``beta`` move by at most 0.8 % over the whole run. The default :data:`KL_HORIZON`
     (64 episodes) lets it move by up to 5 % per rollout at that scale (about x3.3 over the run),
-    enough to hold the target (measured in README: Results); scale it with the run's length.
+    enough to hold the target (measured in docs/results.md); scale it with the run's length.
 
     :param init_kl_coef: starting ``beta``, > 0.
     :param target: target KL per episode, nats, > 0.

@@ -24,7 +24,7 @@ UNGROUPED_WARNING = (
     "SB3's default rollout buffer shuffles single transitions, so each costs a forward of its whole window "
     "(SmolLM2: ~4.5 transitions/s, about an hour per iteration at SB3's n_steps=2048 and 10 epochs). Pass "
     "**agents.text_ppo_kwargs() (rollout_buffer_class=EpisodeRolloutBuffer, text-sized n_steps and epochs) "
-    "for one forward per episode (README: Performance)."
+    "for one forward per episode (docs/performance.md)."
 )
 
 VALUE_OPTIMIZER_KEY = "value_optimizer"

@@ -99,7 +99,7 @@ class RollingCheckpointCallback(CheckpointCallback):
     without optimizer state, without the frozen base LM, or exactly resumable.
 
     A full fine-tuning checkpoint of SmolLM2-135M is a 1.6 GB zip (weights plus Adam's two moment
-    estimates, see README); a run that saves every few iterations fills a disk quickly. Every
+    estimates, see docs/guide/api.md); a run that saves every few iterations fills a disk quickly. Every
     ``save_freq`` calls (as in SB3: calls of ``env.step``, i.e. ``n_envs`` steps each) this saves
 
     - by default: the whole algorithm, ``{name_prefix}_{steps}_steps.zip`` (``model.save``; resume

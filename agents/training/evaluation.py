@@ -437,7 +437,7 @@ def evaluate_against_reference(
     :param kv_cache: sample through the policy's KV-cached rollout path (one new token per step
         from a per-env KV cache, as rollouts do, with each wave's prompts encoded in one batch;
         :func:`sample_episodes`) instead of ``predict`` (a full forward per step): the same prompts
-        and distribution, several times faster (README: Evaluation). Needs policies built with
+        and distribution, several times faster (docs: guide/api.md, evaluation). Needs policies built with
         ``kv_cache=True`` (the default); others fall back to a full forward.
     :return: ``{"reference": TextEvaluation, "trained": TextEvaluation}``.
     :raises ValueError: ``n_episodes < 1``, or the env's final ``info`` has no ``completion``.
