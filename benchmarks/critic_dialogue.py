@@ -9,8 +9,9 @@ the same held-out reward. A new default must also hold on the other PPO job of t
 chat LM, :class:`textgym.tasks.recall.RecallGame`, LM learning rate 3e-3, entropy coefficient
 0.01, 16,000 steps), which failed at 1e-3. That setup learned on 7-10 of 16 seeds whatever the
 value head's rate; the test has since moved to learning rate 1e-3 and entropy coefficient 0.1
-(``benchmarks/seed_sweep.py`` gives its odds), and this script keeps the old setup, its subject. One seed says little there: a run either learns to read the game's answer (win rate near 1)
-or settles on one word (at most 0.5), so the table counts runs above 0.8 per learning rate. (The
+(``benchmarks/seed_sweep.py`` gives its odds), and this script keeps the old setup, its subject.
+One seed says little there: a run either learns to read the game's answer (win rate near 1) or
+settles on one word (at most 0.5), so the table counts runs above 0.8 per learning rate. (The
 test also samples games before training, so its seed 0 is not this table's.) Each run is one
 process with one torch thread, ``--jobs`` at a time.
 """
