@@ -217,35 +217,39 @@ def test_evaluation_counts_the_agents_tokens_only(chat_lm):
 
 @pytest.mark.learning
 def test_ppo_learns_to_read_the_games_answer(chat_lm, record_property):
-    """RecallGame: ignoring the game's answer earns at most 0.5; a tiny model must read it to pass 0.8.
+    """RecallGame: a policy that ignores the game's answer wins at most half the games; one whose
+    greedy replies (``deterministic=True``, as SB3's ``evaluate_policy``) win more than 0.65 of 200
+    held-out games reads it (a blind policy gets there with odds below 1e-5).
 
-    Measured (seeds 0-3, 16,000 steps, ~15 s each on one thread): win rates 0.985, 0.99, 0.99 and
-    0.49 (seed 3 settles on one word); before training 0.045-0.06. Over 16 seeds
-    (``benchmarks/critic_dialogue.py``) 10 runs learn, at the default value-head rate as at 1e-3,
-    so a change of seed or of PPO's defaults can flip this test without making PPO worse: check
-    such a change over seeds there.
+    Its odds: ``docs/testing.md``, measured over TEXTGYM_TEST_SEED 0-15 with
+    ``benchmarks/seed_sweep.py -k read_the_games_answer``. The former setup (learning rate 3e-3, entropy coefficient 0.01, 16,000 steps,
+    sampled replies against 0.8) learned on 7 of 16 seeds: the others settled on one word (win
+    rate ~0.5) before reading the answer. A lower learning rate with a larger entropy bonus keeps
+    both words in play; the bonus also keeps sampled replies noisy (sampled win rates 0.58-0.995
+    over seeds 0-11), which is why the claim is checked on the greedy replies.
     """
     kwargs = env_kwargs(chat_lm)
     env = make_vec_env(DialogueEnv, n_envs=8, seed=TEST_SEED, env_kwargs=kwargs)
     model = PPO(TransformerPolicy, env, seed=TEST_SEED, **text_ppo_kwargs(
-        n_steps=32, batch_size=64, n_epochs=4, learning_rate=3e-3, ent_coef=0.01, gamma=1.0))
+        n_steps=32, batch_size=64, n_epochs=4, learning_rate=1e-3, ent_coef=0.1, gamma=1.0))
 
-    def win_rate(n: int = 200) -> float:
+    def win_rate(deterministic: bool, n: int = 200) -> float:
         play = DialogueEnv(**kwargs)
         wins = []
         for i in range(n):
             obs, _ = play.reset(seed=TEST_SEED + 10_000 + i)
             done = False
             while not done:
-                action, _ = model.predict(obs)
+                action, _ = model.predict(obs, deterministic=deterministic)
                 obs, reward, terminated, truncated, _ = play.step(action)
                 done = terminated or truncated
             wins.append(reward)
         return float(np.mean(wins))
 
-    before = win_rate()
-    model.learn(16_000)
-    after = win_rate()
+    before = win_rate(deterministic=False)
+    model.learn(20_000)
+    after = win_rate(deterministic=True)
     record_property("figure", after)
+    record_property("sampled", win_rate(deterministic=False))
     assert before < 0.2
-    assert after > 0.8, f"win rate {before:.3f} -> {after:.3f}; ignoring the answer gives at most 0.5"
+    assert after > 0.65, f"greedy win rate {after:.3f} (sampled before training {before:.3f}); ignoring the answer gives at most 0.5"
