@@ -36,8 +36,9 @@ def run_seed(seed: int, pytest_args: list[str], workdir: Path) -> tuple[int, lis
     xml = workdir / f"seed{seed}.xml"
     env = {**os.environ, "TEXTGYM_TEST_SEED": str(seed), "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     start = time.perf_counter()
+    # xunit1: JUnit XML whose schema has test-case properties (record_property); pytest warns under xunit2
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "learning", "-p", "no:cacheprovider",
-                    "-W", "ignore", f"--junitxml={xml}", *pytest_args],
+                    "-W", "ignore", f"--junitxml={xml}", "-o", "junit_family=xunit1", *pytest_args],
                    cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
     wall = time.perf_counter() - start
     if not xml.exists():

@@ -215,29 +215,19 @@ def test_evaluation_counts_the_agents_tokens_only(chat_lm):
     assert results["reference"].kl_mean == 0.0
 
 
-@pytest.mark.learning
-def test_ppo_learns_to_read_the_games_answer(chat_lm, record_property):
-    """RecallGame: a policy that ignores the game's answer wins at most half the games; one whose
-    greedy replies (``deterministic=True``, as SB3's ``evaluate_policy``) win more than 0.65 of 200
-    held-out games reads it (a blind policy gets there with odds below 1e-5).
-
-    Its odds: ``docs/testing.md``, measured over TEXTGYM_TEST_SEED 0-15 with
-    ``benchmarks/seed_sweep.py -k read_the_games_answer``. The former setup (learning rate 3e-3, entropy coefficient 0.01, 16,000 steps,
-    sampled replies against 0.8) learned on 7 of 16 seeds: the others settled on one word (win
-    rate ~0.5) before reading the answer. A lower learning rate with a larger entropy bonus keeps
-    both words in play; the bonus also keeps sampled replies noisy (sampled win rates 0.58-0.995
-    over seeds 0-11), which is why the claim is checked on the greedy replies.
-    """
+def train_on_recall(chat_lm: str, seed: int) -> tuple[float, float]:
+    """PPO on RecallGame from ``seed``: (sampled win rate before training, greedy win rate after),
+    each over the same 200 held-out games."""
     kwargs = env_kwargs(chat_lm)
-    env = make_vec_env(DialogueEnv, n_envs=8, seed=TEST_SEED, env_kwargs=kwargs)
-    model = PPO(TransformerPolicy, env, seed=TEST_SEED, **text_ppo_kwargs(
+    env = make_vec_env(DialogueEnv, n_envs=8, seed=seed, env_kwargs=kwargs)
+    model = PPO(TransformerPolicy, env, seed=seed, **text_ppo_kwargs(
         n_steps=32, batch_size=64, n_epochs=4, learning_rate=1e-3, ent_coef=0.1, gamma=1.0))
 
     def win_rate(deterministic: bool, n: int = 200) -> float:
         play = DialogueEnv(**kwargs)
         wins = []
         for i in range(n):
-            obs, _ = play.reset(seed=TEST_SEED + 10_000 + i)
+            obs, _ = play.reset(seed=seed + 10_000 + i)
             done = False
             while not done:
                 action, _ = model.predict(obs, deterministic=deterministic)
@@ -248,8 +238,29 @@ def test_ppo_learns_to_read_the_games_answer(chat_lm, record_property):
 
     before = win_rate(deterministic=False)
     model.learn(20_000)
-    after = win_rate(deterministic=True)
-    record_property("figure", after)
-    record_property("sampled", win_rate(deterministic=False))
-    assert before < 0.2
-    assert after > 0.65, f"greedy win rate {after:.3f} (sampled before training {before:.3f}); ignoring the answer gives at most 0.5"
+    return before, win_rate(deterministic=True)
+
+
+@pytest.mark.learning
+def test_ppo_learns_to_read_the_games_answer(chat_lm, record_property):
+    """RecallGame: a policy that ignores the game's answer wins at most half the games; one whose
+    greedy replies (``deterministic=True``, as SB3's ``evaluate_policy``) win more than 0.65 of 200
+    held-out games reads it (a blind policy gets there with odds below 1e-5).
+
+    One seeded run learns on 15 of 16 seeds (``docs/testing.md``; the other reached 0.515), so
+    the test runs up to three independently seeded runs and passes when one of them learns: at the
+    measured 1/16 per run it fails with odds 1/16**3 = 2.4e-4, and it costs one run 15 times in
+    16. The figure recorded for the seed sweep is the first run's. The former setup (learning rate
+    3e-3, entropy coefficient 0.01, 16,000 steps, sampled replies against 0.8) learned on 7 of 16
+    seeds: the others settled on one word (win rate ~0.5) before reading the answer; a lower
+    learning rate with a larger entropy bonus keeps both words in play.
+    """
+    results = []
+    for offset in (0, 1_000, 2_000):
+        results.append(train_on_recall(chat_lm, TEST_SEED + offset))
+        if results[-1][1] > 0.65:
+            break
+    record_property("figure", results[0][1])
+    record_property("runs", len(results))
+    assert all(before < 0.2 for before, _ in results), results  # the untrained policy does not read it
+    assert results[-1][1] > 0.65, f"(sampled before, greedy after) per run: {results}; ignoring the answer gives at most 0.5"
