@@ -30,8 +30,6 @@ text, a replay) is not imported here. :mod:`agents.zoo` is the zoo's entry point
 the text sampler in the zoo's PPO sampler table, and ``python -m agents.zoo`` replays a zoo-trained model.
 """
 
-from typing import Any
-
 from agents import algorithms
 from agents.algorithms import (TEXT_PPO_DEFAULTS, AdaptiveKLController, EpisodeRolloutBuffer, FixedKLController,
                                GroupRelativeRolloutBuffer, KLPenaltyCallback, group_ppo_kwargs, text_ppo_kwargs)
@@ -40,7 +38,7 @@ from agents.training import (Checkpoint, RollingCheckpointCallback, SampleTextCa
                              evaluate_against_reference, export_pretrained, latest_checkpoint, load_adapters,
                              load_algorithm, load_training_state, resume_latest, sample_episodes, save_adapters,
                              save_training_state, verify_checkpoint)
-from textgym import _moved
+from textgym import _lazy, _moved
 
 _MOVED = {
     "agents.buffers": "agents.algorithms.buffers",
@@ -99,10 +97,5 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """PEP 562: a name whose module needs sb3-contrib (:data:`agents.algorithms.NEEDS_SB3_CONTRIB`), on first access."""
-    if name not in algorithms.NEEDS_SB3_CONTRIB:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(algorithms, name)
-    globals()[name] = value
-    return value
+# PEP 562: the names whose modules need sb3-contrib (agents.algorithms.NEEDS_SB3_CONTRIB), on first access.
+__getattr__ = _lazy.lazy_names(__name__, algorithms.NEEDS_SB3_CONTRIB)

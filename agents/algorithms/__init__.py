@@ -6,12 +6,10 @@ one backward pass (``trpo.py``).
 This floor builds on :mod:`agents.policy` and imports nothing from :mod:`agents.training`.
 """
 
-import importlib
-from typing import Any
-
 from agents.algorithms.buffers import EpisodeRolloutBuffer, GroupRelativeRolloutBuffer
 from agents.algorithms.defaults import TEXT_PPO_DEFAULTS, group_ppo_kwargs, text_ppo_kwargs
 from agents.algorithms.kl import AdaptiveKLController, FixedKLController, KLPenaltyCallback
+from textgym._lazy import lazy_names
 
 NEEDS_SB3_CONTRIB = {
     "MaskableEpisodeRolloutBuffer": "agents.algorithms.nlpo",
@@ -40,10 +38,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """PEP 562: import a name of :data:`NEEDS_SB3_CONTRIB` from its module on first access."""
-    if name not in NEEDS_SB3_CONTRIB:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(NEEDS_SB3_CONTRIB[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, NEEDS_SB3_CONTRIB)  # PEP 562: those names on first access

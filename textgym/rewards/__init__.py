@@ -26,12 +26,13 @@ Their names stay reachable here too (``textgym.rewards.SentimentRewardModel``, .
 from __future__ import annotations
 
 import functools
-import importlib
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from textgym._lazy import lazy_names
 
 if TYPE_CHECKING:
     from textgym.rewards.classifier import SequenceClassifierReward
@@ -51,13 +52,7 @@ _SUBMODULE_NAMES = {
 """Names defined in a submodule, reachable as ``textgym.rewards.<name>`` (imported on first use)."""
 
 
-def __getattr__(name: str) -> Any:
-    """PEP 562: import a submodule's name (see :data:`_SUBMODULE_NAMES`) on first access."""
-    if name not in _SUBMODULE_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_SUBMODULE_NAMES[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _SUBMODULE_NAMES)  # PEP 562: a submodule's name on first access
 
 
 def check_rewards(scores: Any, n: int) -> np.ndarray:
