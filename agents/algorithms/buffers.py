@@ -10,6 +10,8 @@ from stable_baselines3.common.buffers import DictRolloutBuffer
 from stable_baselines3.common.type_aliases import DictRolloutBufferSamples
 from stable_baselines3.common.vec_env import VecNormalize
 
+from agents.distributed import collectives
+
 
 def storage_dtype(space: spaces.Space) -> np.dtype:
     """The smallest dtype that holds every value of an integer space exactly; other spaces keep theirs.
@@ -88,16 +90,36 @@ class EpisodeRolloutBuffer(DictRolloutBuffer):
         batch_size = total if batch_size is None else batch_size
         bounds = np.append(self._segment_starts, total)
         segments = [np.arange(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        batches: list[np.ndarray] = []
         batch: list[np.ndarray] = []
         count = 0
         for k in np.random.permutation(len(segments)):
             batch.append(segments[k])
             count += len(segments[k])
             if count >= batch_size:
-                yield self._get_samples(np.concatenate(batch))
+                batches.append(np.concatenate(batch))
                 batch, count = [], 0
         if batch:
-            yield self._get_samples(np.concatenate(batch))
+            batches.append(np.concatenate(batch))
+        for indices in agreed_minibatches(batches):
+            yield self._get_samples(indices)
+
+
+def agreed_minibatches(batches: list[np.ndarray]) -> list[np.ndarray]:
+    """``batches`` merged into as many minibatches as the rank with the fewest has (all of them in one process).
+
+    In a data-parallel run every rank must take the same number of optimizer steps per epoch (each
+    step all-reduces the gradients), but episode segments pack into a number of minibatches that
+    depends on the rank's episode lengths. Neighbouring minibatches are merged
+    (``np.array_split`` of the list), so every transition is still used once per epoch.
+
+    :param batches: index arrays, one per minibatch, in order.
+    :return: ``agents.distributed.agree_min(len(batches))`` index arrays.
+    """
+    n = collectives.agree_min(len(batches))
+    if n == len(batches):
+        return batches
+    return [np.concatenate([batches[i] for i in chunk]) for chunk in np.array_split(np.arange(len(batches)), n)]
 
 
 GROUP_BASELINES = ("rloo", "grpo")

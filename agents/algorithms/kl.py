@@ -17,6 +17,7 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 
+from agents.distributed import collectives
 from agents.policy.extractor import load_causal_lm
 from agents.policy.lora import adapters_disabled
 from agents.policy.precision import output_logits
@@ -251,12 +252,14 @@ class KLPenaltyCallback(BaseCallback):
         episode_kl = complete_episode_sums(kl, buffer.episode_starts, dones)
         episode_score = complete_episode_sums(scores, buffer.episode_starts, dones)
         self.stats = {"kl/coef": beta}
-        if len(episode_kl):
+        # Over every rank's episodes in a data-parallel run, so that all ranks keep the same beta.
+        kl_sum, score_sum, n_episodes = collectives.all_reduce_sum([episode_kl.sum(), episode_score.sum(), len(episode_kl)])
+        if n_episodes:
             self.stats.update({
-                "kl/episode_kl": float(episode_kl.mean()),
-                "kl/score": float(episode_score.mean()),
-                "kl/penalised_return": float((episode_score - beta * episode_kl).mean()),
+                "kl/episode_kl": float(kl_sum / n_episodes),
+                "kl/score": float(score_sum / n_episodes),
+                "kl/penalised_return": float((score_sum - beta * kl_sum) / n_episodes),
             })
-            self.controller.update(self.stats["kl/episode_kl"], len(episode_kl))
+            self.controller.update(self.stats["kl/episode_kl"], int(n_episodes))
         for key, value in self.stats.items():
             self.logger.record(key, value)
