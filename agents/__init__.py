@@ -18,6 +18,8 @@
   its files checked against their manifest (written atomically, so a kill or a full disk loses nothing saved);
   :func:`resume_latest` loads it (zip and training state), :func:`load_algorithm` loads a zip naming what failed.
 - :func:`export_pretrained`: a Hugging Face model directory (LM, tokenizer, value head, model card).
+- :func:`data_parallel`, :func:`local_device`: one run across the ranks of a ``torchrun`` launch (DD-PPO on
+  ``torch.distributed``), a no-op in one process.
 
 The modules stand on three floors, each importing only from the floors below it:
 :mod:`agents.policy` (the policy and what it is made of), :mod:`agents.algorithms` (the algorithms'
@@ -35,8 +37,8 @@ from agents.algorithms import (TEXT_PPO_DEFAULTS, AdaptiveKLController, EpisodeR
                                GroupRelativeRolloutBuffer, KLPenaltyCallback, group_ppo_kwargs, text_ppo_kwargs)
 from agents.policy import CausalLMExtractor, TransformerPolicy, adapters_disabled, load_causal_lm, merged_lm
 from agents.training import (Checkpoint, RollingCheckpointCallback, SampleTextCallback, TextEvaluation,
-                             evaluate_against_reference, export_pretrained, latest_checkpoint, load_adapters,
-                             load_algorithm, load_training_state, resume_latest, sample_episodes, save_adapters,
+                             data_parallel, evaluate_against_reference, export_pretrained, latest_checkpoint, load_adapters,
+                             load_algorithm, load_training_state, local_device, resume_latest, sample_episodes, save_adapters,
                              save_training_state, verify_checkpoint)
 from textgym import _lazy, _moved
 
@@ -78,6 +80,7 @@ __all__ = [
     "TransformerTRPO",
     "TextEvaluation",
     "adapters_disabled",
+    "data_parallel",
     "evaluate_against_reference",
     "export_pretrained",
     "group_ppo_kwargs",
@@ -86,6 +89,7 @@ __all__ = [
     "load_algorithm",
     "load_causal_lm",
     "load_training_state",
+    "local_device",
     "merged_lm",
     "nlpo_kwargs",
     "resume_latest",

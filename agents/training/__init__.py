@@ -8,6 +8,7 @@ This floor builds on :mod:`agents.policy` and :mod:`agents.algorithms`; nothing 
 """
 
 from agents.training.callbacks import RollingCheckpointCallback, SampleTextCallback
+from agents.training.distributed import data_parallel, local_device
 from agents.training.checkpoints import load_adapters, save_adapters
 from agents.training.evaluation import TextEvaluation, evaluate_against_reference, sample_episodes
 from agents.training.export import export_pretrained
@@ -19,12 +20,14 @@ __all__ = [
     "RollingCheckpointCallback",
     "SampleTextCallback",
     "TextEvaluation",
+    "data_parallel",
     "evaluate_against_reference",
     "export_pretrained",
     "latest_checkpoint",
     "load_adapters",
     "load_algorithm",
     "load_training_state",
+    "local_device",
     "resume_latest",
     "sample_episodes",
     "save_adapters",
