@@ -286,11 +286,58 @@ def keyword(out: Path, tiny_lm: str, names: list[str]) -> dict:
     return result
 
 
+EVAL_ENVS, EVAL_EPISODES, EVAL_SEED = 3, 7, 5
+
+
+def eval_env(tiny_lm: str):
+    """The held-out env of the evaluation scenario: 3 envs (not a multiple of 2 ranks), 7 episodes."""
+    return make_vec_env("TextGen-v0", n_envs=EVAL_ENVS, env_kwargs=env_kwargs(tiny_lm))
+
+
+def evaluation_summary(results: dict) -> dict:
+    """What the test compares of :func:`agents.evaluate_against_reference`'s results."""
+    return {name: {"figures": [r.n_episodes, r.reward_mean, r.kl_mean, r.perplexity, r.distinct_1, r.distinct_2,
+                               r.length_mean],
+                   "episodes": [[e.prompt, e.completion, e.tokens, e.log_probs.tolist(), e.ref_log_probs.tolist()]
+                                for e in r.episodes]}
+            for name, r in results.items()}
+
+
+def evaluation(out: Path, tiny_lm: str, names: list[str]) -> dict:
+    """Two updates of 2 ranks, then a sharded held-out evaluation, greedy and sampled; rank 0 saves
+    the model for the test's single-process evaluation of the same episodes. Also: an env the
+    evaluation cannot shard is refused."""
+    from stable_baselines3.common.vec_env import VecEnvWrapper
+
+    class Opaque(VecEnvWrapper):
+        def reset(self):
+            return self.venv.reset()
+
+        def step_wait(self):
+            return self.venv.step_wait()
+
+    env = make_vec_env("TextGen-v0", n_envs=N_ENVS, seed=0, env_kwargs=env_kwargs(tiny_lm))
+    model = agents.data_parallel(PPO(agents.TransformerPolicy, env, **agents.text_ppo_kwargs(
+        n_steps=N_STEPS, batch_size=8, n_epochs=1, learning_rate=1e-2, seed=0)))
+    model.learn(2 * N_STEPS * N_ENVS * collectives.world_size())
+    model.save(out / "evaluated")
+    result = {}
+    for deterministic in (True, False):
+        results = agents.evaluate_against_reference(model, eval_env(tiny_lm), n_episodes=EVAL_EPISODES,
+                                                    seed=EVAL_SEED, deterministic=deterministic, kv_cache=True)
+        result["greedy" if deterministic else "sampled"] = evaluation_summary(results)
+    try:
+        agents.evaluate_against_reference(model, Opaque(eval_env(tiny_lm)), n_episodes=2, verbose=False)
+    except ValueError as error:
+        result["refused"] = str(error)
+    return result
+
+
 def main() -> None:
     scenario, out, tiny_lm, *names = sys.argv[1:]
     out = Path(out)
     result = {"same_weights": same_weights, "union": union, "fault": fault, "logging": logging, "mismatch": mismatch,
-              "keyword": keyword}[scenario](out, tiny_lm, names)
+              "keyword": keyword, "evaluation": evaluation}[scenario](out, tiny_lm, names)
     result["rank"], result["world_size"] = collectives.rank(), collectives.world_size()
     (out / f"{scenario}-rank{collectives.rank()}.json").write_text(json.dumps(result))
 

@@ -150,6 +150,41 @@ def test_rank_zero_alone_writes_logs_and_checkpoints(tiny_lm, tmp_path):
     assert [r["num_timesteps"] for r in ranks_results(tmp_path, "logging")] == [32, 32]  # each rank's own steps
 
 
+def test_sharded_evaluation_equals_a_single_process_evaluation(tiny_lm, tmp_path):
+    """2 ranks split 3 envs' 7 held-out episodes (rank 0: envs 0 and 2, rank 1: env 1) and gather
+    them: greedy, every rank's figures and episodes equal one process's evaluation of the trained
+    model (float tolerance: the log-probs are computed in other batches); sampled, the same prompts
+    in the same order. Rank 0 alone prints the table."""
+    from stable_baselines3.common.utils import set_random_seed
+
+    from tests.distributed_worker import EVAL_EPISODES, EVAL_SEED, eval_env, evaluation_summary
+
+    proc = torchrun("evaluation", tmp_path, tiny_lm)
+    check(proc)
+    ranks = ranks_results(tmp_path, "evaluation")
+    assert proc.stdout.count("| policy | mean reward") == 2  # rank 0's two tables, none from rank 1
+    assert "steps them one by one" in ranks[0]["refused"] and "steps them one by one" in ranks[1]["refused"]
+
+    model = PPO.load(tmp_path / "evaluated.zip")
+    for mode in ("greedy", "sampled"):
+        set_random_seed(0)
+        single = evaluation_summary(agents.evaluate_against_reference(
+            model, eval_env(tiny_lm), n_episodes=EVAL_EPISODES, seed=EVAL_SEED, deterministic=mode == "greedy",
+            kv_cache=True, verbose=False))
+        assert ranks[0][mode] == ranks[1][mode]
+        for name in ("reference", "trained"):
+            sharded, one = ranks[0][mode][name], single[name]
+            assert [e[0] for e in sharded["episodes"]] == [e[0] for e in one["episodes"]]  # prompts
+            assert len({e[0] for e in one["episodes"]}) > 1
+            if mode == "greedy":
+                assert [e[1:3] for e in sharded["episodes"]] == [e[1:3] for e in one["episodes"]]
+                assert sharded["figures"] == pytest.approx(one["figures"], rel=1e-5)
+                for mine, theirs in zip(sharded["episodes"], one["episodes"]):
+                    assert mine[3] == pytest.approx(theirs[3], abs=1e-5) and mine[4] == pytest.approx(theirs[4], abs=1e-5)
+    greedy = ranks[0]["greedy"]
+    assert greedy["trained"]["figures"][2] > 0.01  # trained and reference differ: the KL is not trivially 0
+
+
 @pytest.mark.learning
 def test_keyword_task_is_learned_with_two_ranks(tiny_lm, tmp_path, record_property):
     """The synthetic keyword task, its recommended settings and 6,000-step budget split over 2 ranks

@@ -38,6 +38,7 @@ import numpy as np
 import torch as th
 
 from agents.algorithms.kl import reference_log_probs
+from agents.distributed import collectives
 from agents.policy.lora import adapters_disabled
 
 
@@ -206,7 +207,8 @@ def _wave_envs(env) -> list | None:
     return env.envs if isinstance(env, DummyVecEnv) else None
 
 
-def _sample_in_waves(policy, env, n_episodes: int, deterministic: bool) -> list[dict[str, Any]] | None:
+def _sample_in_waves(policy, env, n_episodes: int, deterministic: bool,
+                     shard: tuple[int, int] = (0, 1)) -> list[dict[str, Any]] | None:
     """Sample ``n_episodes`` as batched ``generate`` does: all envs start an episode together, each
     steps until its episode ends, the next wave starts when every env's has ended.
 
@@ -219,24 +221,34 @@ def _sample_in_waves(policy, env, n_episodes: int, deterministic: bool) -> list[
     n_envs`` episodes on the prompts its own reset draws after ``env.reset()``, and every action is
     sampled from the same policy distribution (only the batch composition differs).
 
+    With ``shard=(rank, world_size)`` only envs ``i`` with ``i % world_size == rank`` are stepped,
+    each for the episodes it runs unsharded: the shards of all ranks, whose ``env`` copies are
+    built and seeded alike, are together the unsharded episodes.
+
     :param policy: a :class:`agents.TransformerPolicy` (its rollout cache is used and cleared).
     :param env: a TextGen ``VecEnv``; see :func:`_wave_envs` for those it can step.
+    :param shard: ``(rank, world_size)``; ``(0, 1)``: every env.
     :return: episodes as :func:`_sample_episodes` returns them, each with ``"log_probs"`` (float32
-        ``(T,)``, the sampled actions' log-probs under the sampling distribution); ``None`` when
-        ``env`` cannot be stepped env by env.
+        ``(T,)``, the sampled actions' log-probs under the sampling distribution) and ``"key"``
+        (``(k, i)``: env ``i``'s ``k``-th episode), sorted by key; ``None`` when ``env`` cannot be
+        stepped env by env.
     :raises ValueError: the env's final ``info`` has no ``completion``.
     """
     envs = _wave_envs(env)
     if envs is None:
         return None
     policy.set_training_mode(False)  # also clears the rollout cache
-    remaining = [(n_episodes + i) // len(envs) for i in range(len(envs))]
+    rank, world_size = shard
+    remaining = [(n_episodes + i) // len(envs) if i % world_size == rank else 0 for i in range(len(envs))]
+    started = [0] * len(envs)
     first = env.reset()
     current = {i: {key: value[i] for key, value in first.items()} for i in range(len(envs))}
     finished: list[dict[str, Any]] = []
     while any(remaining):
         rows = [i for i in range(len(envs)) if remaining[i]]
-        episodes = {i: {"obs": [], "actions": [], "log_probs": [], "reward": 0.0} for i in rows}
+        episodes = {i: {"obs": [], "actions": [], "log_probs": [], "reward": 0.0, "key": (started[i], i)} for i in rows}
+        for i in rows:
+            started[i] += 1
         while rows:
             obs, _ = policy.obs_to_tensor({key: np.stack([current[i][key] for i in rows]) for key in current[rows[0]]})
             with th.no_grad():
@@ -262,7 +274,8 @@ def _sample_in_waves(policy, env, n_episodes: int, deterministic: bool) -> list[
                 rows = [rows[j] for j in keep]
     for episode in finished:
         episode["log_probs"] = np.asarray(episode["log_probs"], dtype=np.float32)
-    return finished
+    # Wave by wave, env by env: an order that does not depend on which episode ended first.
+    return sorted(finished, key=lambda episode: episode["key"])
 
 
 def sample_episodes(policy, env, n_episodes: int, deterministic: bool = False,
@@ -326,13 +339,27 @@ def _log_probs(log_prob, episodes: Sequence[dict[str, Any]], device, chunk: int 
     return out
 
 
-def _score(name: str, episodes: list[dict[str, Any]], log_prob, reference_log_prob, device) -> TextEvaluation:
-    if not episodes:
-        raise ValueError("no episode finished")
+def _scored_samples(episodes: list[dict[str, Any]], log_prob, reference_log_prob, device) -> list[EpisodeSample]:
+    """``episodes`` as :class:`EpisodeSample`, their actions scored under ``log_prob`` and ``reference_log_prob``."""
     log_probs = _log_probs(log_prob, episodes, device)
     ref_log_probs = log_probs if log_prob is reference_log_prob else _log_probs(reference_log_prob, episodes, device)
-    samples = [EpisodeSample(e["prompt"], e["completion"], e["reward"], e["actions"], lp, rlp, e["components"])
-               for e, lp, rlp in zip(episodes, log_probs, ref_log_probs)]
+    return [EpisodeSample(e["prompt"], e["completion"], e["reward"], e["actions"], lp, rlp, e["components"])
+            for e, lp, rlp in zip(episodes, log_probs, ref_log_probs)]
+
+
+def _gather_shards(samples: list[EpisodeSample], keys: list[tuple[int, int]]) -> list[EpisodeSample]:
+    """Every rank's ``samples`` in the order of their ``keys`` (as one process sorts its own);
+    ``samples`` outside a data-parallel run."""
+    if not collectives.is_data_parallel():
+        return samples
+    pairs = [pair for shard in collectives.all_gather_object(list(zip(keys, samples))) for pair in shard]
+    return [sample for _, sample in sorted(pairs, key=lambda pair: pair[0])]
+
+
+def _summarise(name: str, samples: list[EpisodeSample]) -> TextEvaluation:
+    """The metrics of :mod:`agents.training.evaluation` over ``samples``."""
+    if not samples:
+        raise ValueError("no episode finished")
     rewards = np.array([s.reward for s in samples])
     kls = np.array([s.kl for s in samples])
     all_ref = np.concatenate([s.ref_log_probs for s in samples]).astype(np.float64)
@@ -422,6 +449,13 @@ def evaluate_against_reference(
     sampling uses torch's global RNG (seed it, e.g. ``stable_baselines3.common.utils.set_random_seed``,
     for repeatable figures).
 
+    In a data-parallel run (:func:`agents.data_parallel`; every rank calls this with an ``env``
+    built and seeded alike) the episodes are sharded: rank ``r`` samples and scores those of envs
+    ``i`` with ``i % world_size == r``, in waves whatever ``kv_cache`` says (the wave path is the one
+    that can leave envs out), and the samples are gathered, so every rank returns the figures of
+    the same episodes a single process samples in waves (equal with ``deterministic``; sampled
+    tokens follow each rank's own RNG). Rank 0 alone prints and writes TensorBoard.
+
     :param model: an SB3 algorithm (``PPO``) or a :class:`agents.TransformerPolicy`.
     :param env: a TextGen ``VecEnv`` (or ``gym.Env``), e.g. held-out prompts (``prompts="movie_reviews:test"``).
     :param n_episodes: episodes per policy, >= 1.
@@ -437,10 +471,12 @@ def evaluate_against_reference(
     :param kv_cache: sample through the policy's KV-cached rollout path (one new token per step
         from a per-env KV cache, as rollouts do, with each wave's prompts encoded in one batch;
         :func:`sample_episodes`) instead of ``predict`` (a full forward per step): the same prompts
-        and distribution, several times faster (docs: guide/api.md, evaluation). Needs policies built with
+        and distribution, several times faster (docs: guide/evaluation.md). Needs policies built with
         ``kv_cache=True`` (the default); others fall back to a full forward.
-    :return: ``{"reference": TextEvaluation, "trained": TextEvaluation}``.
-    :raises ValueError: ``n_episodes < 1``, or the env's final ``info`` has no ``completion``.
+    :return: ``{"reference": TextEvaluation, "trained": TextEvaluation}``, on every rank of a
+        data-parallel run.
+    :raises ValueError: ``n_episodes < 1``, the env's final ``info`` has no ``completion``, or in a
+        data-parallel run an env that cannot be stepped env by env (a ``SubprocVecEnv``).
     """
     if n_episodes < 1:
         raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
@@ -467,26 +503,47 @@ def evaluate_against_reference(
         sample_reference = contextlib.nullcontext
     ref_policy.set_training_mode(False)
 
+    sample = _sharded_sampler(env, kv_cache)
     if seed is not None:
         env.seed(seed)
     with sample_reference():
-        ref_episodes = sample_episodes(ref_policy, env, n_episodes, deterministic, kv_cache)
+        ref_episodes = sample(ref_policy, env, n_episodes, deterministic)
     if seed is not None:
         env.seed(seed)
-    episodes = sample_episodes(policy, env, n_episodes, deterministic, kv_cache)
+    episodes = sample(policy, env, n_episodes, deterministic)
 
     reference_log_prob = _lm_log_probs(reference_scope)
     # An NLPO policy samples from a nucleus its LM alone does not know: score what it samples from.
     trained_log_prob = (_sampling_log_probs(policy) if getattr(policy, "masking_lm", None) is not None
                         else _lm_log_probs(trained_scope, getattr(policy, "logit_mask", None)))
-    results = {"reference": _score("reference", ref_episodes, reference_log_prob, reference_log_prob, device),
-               "trained": _score("trained", episodes, trained_log_prob, reference_log_prob, device)}
-    table, samples = markdown_table(results), samples_text(results, n_samples)
-    if verbose:
-        print(f"\n{table}\n\n{samples}")
-    if tensorboard_log is not None:
-        _write_tensorboard(tensorboard_log, tag, step, table, samples)
+    results = {}
+    for name, sampled, log_prob in (("reference", ref_episodes, reference_log_prob),
+                                    ("trained", episodes, trained_log_prob)):
+        scored = _scored_samples(sampled, log_prob, reference_log_prob, device)
+        results[name] = _summarise(name, _gather_shards(scored, [e.get("key") for e in sampled]))
+    if collectives.rank() == 0:
+        table, samples = markdown_table(results), samples_text(results, n_samples)
+        if verbose:
+            print(f"\n{table}\n\n{samples}")
+        if tensorboard_log is not None:
+            _write_tensorboard(tensorboard_log, tag, step, table, samples)
     return results
+
+
+def _sharded_sampler(env, kv_cache: bool):
+    """``sample(policy, env, n_episodes, deterministic)``: :func:`sample_episodes`, or in a
+    data-parallel run this rank's shard of its episodes (:func:`_sample_in_waves`)."""
+    if not collectives.is_data_parallel():
+        return lambda policy, env, n_episodes, deterministic: sample_episodes(
+            policy, env, n_episodes, deterministic, kv_cache)
+    if _wave_envs(env) is None:
+        raise ValueError(
+            f"a data-parallel evaluation splits the env's envs between ranks and steps them one by one, which "
+            f"{type(env).__name__} does not allow; evaluate on a DummyVecEnv (make_vec_env's default), bare or "
+            f"under GroupedPrompts, BatchedRewards or VecMonitor, or evaluate on rank 0 alone outside the group")
+    shard = (collectives.rank(), collectives.world_size())
+    return lambda policy, env, n_episodes, deterministic: _sample_in_waves(
+        policy, env, n_episodes, deterministic, shard)
 
 
 def _write_tensorboard(log, tag: str, step: int, table: str, samples: str) -> None:
