@@ -333,11 +333,43 @@ def evaluation(out: Path, tiny_lm: str, names: list[str]) -> dict:
     return result
 
 
+def resume(out: Path, tiny_lm: str, names: list[str]) -> dict:
+    """Two iterations of 2 ranks with a training-state checkpoint after the first (RLOO buffers, so
+    each rank also carries returns of unfinished episodes); then the checkpoint is resumed with
+    ``agents.resume_latest`` after scrambling every generator, and trained for the second iteration."""
+    import random
+
+    def text_env():
+        return make_vec_env("TextGen-v0", n_envs=N_ENVS, seed=0, env_kwargs=env_kwargs(tiny_lm, max_new_tokens=3))
+
+    def kl():
+        return agents.KLPenaltyCallback(kl_coef=agents.AdaptiveKLController(init_kl_coef=0.1, target=1.0))
+
+    kwargs = agents.text_ppo_kwargs(n_steps=N_STEPS - 1, batch_size=7, n_epochs=2, learning_rate=1e-3, seed=0,
+                                    rollout_buffer_class=agents.GroupRelativeRolloutBuffer)
+    model = agents.data_parallel(PPO(agents.TransformerPolicy, text_env(), **kwargs))
+    iteration = (N_STEPS - 1) * N_ENVS * collectives.world_size()  # the group is up once data_parallel returns
+    checkpoints = agents.RollingCheckpointCallback(save_freq=N_STEPS - 1, save_path=str(out / "checkpoints"),
+                                                   training_state=True)
+    model.learn(2 * iteration, callback=[kl(), checkpoints])
+    carried = bool(np.any(model.rollout_buffer._carry_out))
+
+    th.manual_seed(1234 + collectives.rank())
+    np.random.seed(1234)
+    random.seed(1234)
+    resumed = agents.resume_latest(out / "checkpoints", text_env())
+    resumed_at = resumed.num_timesteps
+    resumed.learn(iteration, callback=kl(), reset_num_timesteps=False)
+    return {"uninterrupted": state_digests(model), "resumed": state_digests(resumed), "resumed_at": resumed_at,
+            "carried": carried, "data_parallel": isinstance(resumed, agents.training.distributed.DataParallelAlgorithm),
+            "files": sorted(p.name for p in (out / "checkpoints").iterdir())}
+
+
 def main() -> None:
     scenario, out, tiny_lm, *names = sys.argv[1:]
     out = Path(out)
     result = {"same_weights": same_weights, "union": union, "fault": fault, "logging": logging, "mismatch": mismatch,
-              "keyword": keyword, "evaluation": evaluation}[scenario](out, tiny_lm, names)
+              "keyword": keyword, "evaluation": evaluation, "resume": resume}[scenario](out, tiny_lm, names)
     result["rank"], result["world_size"] = collectives.rank(), collectives.world_size()
     (out / f"{scenario}-rank{collectives.rank()}.json").write_text(json.dumps(result))
 

@@ -185,6 +185,32 @@ def test_sharded_evaluation_equals_a_single_process_evaluation(tiny_lm, tmp_path
     assert greedy["trained"]["figures"][2] > 0.01  # trained and reference differ: the KL is not trivially 0
 
 
+def test_a_two_rank_run_resumes_exactly(tiny_lm, tmp_path):
+    """A checkpoint with training state after the first of two iterations (RLOO: each rank carries
+    returns of episodes cut by the rollout boundary), resumed with every generator scrambled: the
+    resumed run ends with the uninterrupted run's weights and optimizer state, bit for bit, on both
+    ranks. Rank 0 alone wrote the files; they resume with 2 ranks only."""
+    from stable_baselines3.common.env_util import make_vec_env as vec_env
+
+    from tests.distributed_worker import N_ENVS, env_kwargs
+
+    check(torchrun("resume", tmp_path, tiny_lm))
+    ranks = ranks_results(tmp_path, "resume")
+    for result in ranks:
+        assert result["carried"]  # the premise: episodes run across the rollout boundary on each rank
+        assert result["data_parallel"] and result["resumed_at"] == 14
+        assert result["resumed"] == result["uninterrupted"]
+    assert ranks[0]["uninterrupted"] == ranks[1]["uninterrupted"]
+    assert ranks[0]["files"] == ["rl_model_14_steps.zip", "rl_model_manifest_14_steps.json",
+                                 "rl_model_training_state_14_steps.pkl"]
+
+    checkpoint = agents.latest_checkpoint(tmp_path / "checkpoints")
+    model = PPO.load(checkpoint.model, env=vec_env("TextGen-v0", n_envs=N_ENVS,
+                                                    env_kwargs=env_kwargs(tiny_lm, max_new_tokens=3)))
+    with pytest.raises(ValueError, match=r"saved by a run of 2 rank\(s\) but this run has 1.*--nproc-per-node 2"):
+        agents.load_training_state(model, checkpoint.training_state)
+
+
 @pytest.mark.learning
 def test_keyword_task_is_learned_with_two_ranks(tiny_lm, tmp_path, record_property):
     """The synthetic keyword task, its recommended settings and 6,000-step budget split over 2 ranks

@@ -10,6 +10,7 @@ from typing import Any
 
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 
+from agents.distributed import collectives
 from agents.training.atomic import TEMP_PREFIX, atomic_path
 from agents.training.checkpoints import save_adapters
 from agents.training.manifest import manifest_name, write_manifest
@@ -99,7 +100,7 @@ class RollingCheckpointCallback(CheckpointCallback):
     without optimizer state, without the frozen base LM, or exactly resumable.
 
     A full fine-tuning checkpoint of SmolLM2-135M is a 1.6 GB zip (weights plus Adam's two moment
-    estimates, see docs/guide/api.md); a run that saves every few iterations fills a disk quickly. Every
+    estimates, see docs/guide/checkpoints.md); a run that saves every few iterations fills a disk quickly. Every
     ``save_freq`` calls (as in SB3: calls of ``env.step``, i.e. ``n_envs`` steps each) this saves
 
     - by default: the whole algorithm, ``{name_prefix}_{steps}_steps.zip`` (``model.save``; resume
@@ -127,6 +128,10 @@ class RollingCheckpointCallback(CheckpointCallback):
     checkpoints (and VecNormalize / replay-buffer / training-state files of the same steps) older
     than the ``keep_last`` newest complete ones, so a kill or a failed save never costs the last
     good checkpoint. A failed save raises the ``OSError`` naming the file (disk full, permission).
+
+    In a data-parallel run (:func:`agents.data_parallel`) every rank runs this callback: all take part
+    in saving the training state, rank 0 alone writes files, and the step counts in the names are
+    each rank's own (``model.num_timesteps``; the run's total is ``world_size`` times as many).
 
     :param save_freq: save every ``save_freq`` calls of the callback, >= 1.
     :param save_path: folder of the checkpoints (created if missing).
@@ -158,6 +163,11 @@ class RollingCheckpointCallback(CheckpointCallback):
 
     def _init_callback(self) -> None:
         super()._init_callback()
+        if self.adapters_only and getattr(self.model.policy, "peft_model", None) is None:
+            raise ValueError("adapters_only=True needs a LoRA policy (policy_kwargs=dict(lora_config=...)); "
+                             "use inference_only=True for a policy without adapters")
+        if collectives.rank() != 0:  # the one writer of a data-parallel run
+            return
         folder = Path(self.save_path)
         stale_files = [*folder.glob(f"{TEMP_PREFIX}{self.name_prefix}_*"), *folder.glob(f"{TEMP_PREFIX}old-{self.name_prefix}_*")]
         for stale in stale_files:  # left by a killed save
@@ -165,9 +175,6 @@ class RollingCheckpointCallback(CheckpointCallback):
                 shutil.rmtree(stale, ignore_errors=True)
             else:
                 stale.unlink(missing_ok=True)
-        if self.adapters_only and getattr(self.model.policy, "peft_model", None) is None:
-            raise ValueError("adapters_only=True needs a LoRA policy (policy_kwargs=dict(lora_config=...)); "
-                             "use inference_only=True for a policy without adapters")
 
     def _on_step(self) -> bool:
         if self.n_calls % self.save_freq == 0:
@@ -183,7 +190,13 @@ class RollingCheckpointCallback(CheckpointCallback):
             self._save()
 
     def _save(self) -> None:
-        parts = self._write_parts()
+        # In a data-parallel run rank 0 alone writes files, but every rank takes part in saving the
+        # training state (a collective: each rank's generators and envs go into rank 0's file).
+        parts = self._write_parts() if collectives.rank() == 0 else {}
+        if self.training_state:
+            parts["training_state"] = save_training_state(self.model, self._checkpoint_path("training_state_", extension="pkl"))
+        if collectives.rank() != 0:
+            return
         write_manifest(self.save_path, self.name_prefix, self.num_timesteps, parts)  # last: the set is now complete
         if self.verbose >= 2:
             print(f"Saving checkpoint to {next(iter(parts.values()))}")
@@ -203,8 +216,6 @@ class RollingCheckpointCallback(CheckpointCallback):
         parts = {"model": Path(self._checkpoint_path(extension="zip"))}
         with atomic_path(parts["model"]) as temporary:  # ends in .zip, so SB3 adds no suffix of its own
             self.model.save(temporary)
-        if self.training_state:
-            parts["training_state"] = save_training_state(self.model, self._checkpoint_path("training_state_", extension="pkl"))
         if self.save_replay_buffer and getattr(self.model, "replay_buffer", None) is not None:
             parts["replay_buffer"] = Path(self._checkpoint_path("replay_buffer_", extension="pkl"))
             with atomic_path(parts["replay_buffer"]) as temporary:

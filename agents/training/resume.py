@@ -45,6 +45,12 @@ episodes and the same KL coefficient as an uninterrupted one (tested to float to
 ``model = resume_latest(save_path, env)`` loads the newest complete checkpoint of such a folder,
 verified against its manifest (:func:`agents.latest_checkpoint`), with its training state.
 
+In a data-parallel run (:func:`agents.data_parallel`) every rank calls :func:`save_training_state`
+(a collective: it gathers every rank's generators, envs and observations) and rank 0 writes one
+file; every rank calls :func:`load_training_state` on that file (on storage all ranks can read), after
+``data_parallel(model)``, and takes back its own part. Such a file resumes with the same world size
+only (each rank's envs are in it); the weights, masters and NLPO state are stored once.
+
 Save between PPO iterations only: after ``learn`` returns, or from a callback's
 ``_on_rollout_start``. In the middle of a rollout (``_on_step``) or between a rollout and its update
 (``_on_rollout_end``) the rollout in progress would be lost; :func:`save_training_state` refuses.
@@ -86,7 +92,9 @@ import torch as th
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper, VecFrameStack, VecMonitor, VecNormalize
 
+from agents.distributed import collectives
 from agents.training.atomic import atomic_write_bytes
+from agents.training.distributed import DataParallelAlgorithm, data_parallel
 from agents.training.manifest import DAMAGED
 
 FORMAT = "textgym.training_state"
@@ -118,33 +126,80 @@ def save_training_state(model: Any, path: str | os.PathLike) -> Path:
         with ``get_episode_state`` (every textgym env), possibly inside stateless VecEnv wrappers.
     :param path: file to write (parent folders are created; written atomically, so a kill leaves the
         previous file of that name whole); e.g. ``run_state.pkl``.
-    :return: the path written.
+    :return: the path written (in a data-parallel run: by rank 0, for every rank).
     :raises OSError: the file could not be written (disk full, permission); the message names it.
     :raises ValueError: the model has not collected a step yet (nothing to resume), or is in the
-        middle of a rollout or between a rollout and its update.
+        middle of a rollout or between a rollout and its update; in a data-parallel run, ``model``
+        was not passed to :func:`agents.data_parallel`.
     :raises TypeError: the envs cannot be saved: ``SubprocVecEnv``, a stateful VecEnv wrapper, an
         env without ``get_episode_state``, or an episode state (a dialogue's game) that cannot be pickled.
     """
     venv = _dummy_vec_env(model)
     _check_between_iterations(model, venv)
-    state = {
+    shared = {
         "format": FORMAT,
         "version": VERSION,
         "num_timesteps": int(model.num_timesteps),
+        "master_weights": [master.detach().cpu().clone() for master in _separate_masters(model.policy)],
+        "tokenizer": _tokenizer_of(venv.observation_space),
+    }
+    own = {
         "rng": _rng_state(),
         "last_obs": copy.deepcopy(model._last_obs),
         "last_episode_starts": copy.deepcopy(model._last_episode_starts),
-        "master_weights": [master.detach().cpu().clone() for master in _separate_masters(model.policy)],
         "envs": [_env_state(env, i) for i, env in enumerate(venv.envs)],
-        "algorithm": _algorithm_state(model),
-        "tokenizer": _tokenizer_of(venv.observation_space),
     }
+    # The NLPO state is the same on every rank (it follows the policy's weights), the carried group
+    # returns are each rank's own (they belong to its envs' episodes).
+    algorithm = _algorithm_state(model)
+    shared["algorithm"] = {key: value for key, value in algorithm.items() if key != "group_carry"}
+    own["algorithm"] = {key: value for key, value in algorithm.items() if key == "group_carry"}
+    if not collectives.is_data_parallel():
+        state = {**shared, **own, "algorithm": algorithm}
+    else:
+        if not isinstance(model, DataParallelAlgorithm):
+            raise ValueError(_NOT_WRAPPED)
+        ranks = collectives.all_gather_object(_dumps_or_error(own))
+        failed = [f"rank {r}: {part}" for r, part in enumerate(ranks) if isinstance(part, str)]
+        if failed:  # raised on every rank alike, so none is left waiting in a collective
+            raise TypeError(f"the training state cannot be pickled ({'; '.join(failed)}); {_UNPICKLABLE}")
+        state = {**shared, "world_size": len(ranks), "ranks": ranks}
+        if collectives.rank() != 0:
+            return Path(path)
     try:
         data = cloudpickle.dumps(state)
     except Exception as error:  # any object in an episode state may refuse to pickle, each in its own way
-        raise TypeError(f"the training state cannot be pickled ({type(error).__name__}: {error}); every env's "
-                        "episode state (a DialogueEnv's game) must be picklable to be saved") from error
+        raise TypeError(f"the training state cannot be pickled ({type(error).__name__}: {error}); {_UNPICKLABLE}") from error
     return atomic_write_bytes(path, _with_header(data))
+
+
+_UNPICKLABLE = "every env's episode state (a DialogueEnv's game) must be picklable to be saved"
+
+_NOT_WRAPPED = ("in a data-parallel run, call agents.data_parallel(model) before save_training_state and "
+                "load_training_state (it seeds each rank's generators and envs apart, which would overwrite what "
+                "a load restores)")
+
+
+def _dumps_or_error(part: dict[str, Any]) -> bytes | str:
+    """``part`` pickled (``cloudpickle``; plain ``pickle.loads`` reads it), or why it cannot be."""
+    try:
+        return cloudpickle.dumps(part)
+    except Exception as error:  # noqa: BLE001  (as in save_training_state)
+        return f"{type(error).__name__}: {error}"
+
+
+def _own_part(state: dict[str, Any], path: Any) -> dict[str, Any]:
+    """This rank's view of ``state``: a data-parallel file's part of this rank merged into the shared
+    entries; a single-process file as it is. Raises ``ValueError`` when the world sizes differ."""
+    saved_world = state.get("world_size", 1)
+    if saved_world != collectives.world_size():
+        raise ValueError(f"{path} was saved by a run of {saved_world} rank(s) but this run has "
+                         f"{collectives.world_size()}: each rank's generators and envs are in it, so resume with "
+                         f"the same world size ({'python' if saved_world == 1 else f'torchrun --nproc-per-node {saved_world}'})")
+    if "ranks" not in state:
+        return state
+    own = pickle.loads(state["ranks"][collectives.rank()])
+    return {**state, **own, "algorithm": {**state["algorithm"], **own["algorithm"]}}
 
 
 def load_training_state(model: Any, path: str | os.PathLike) -> None:
@@ -163,11 +218,15 @@ def load_training_state(model: Any, path: str | os.PathLike) -> None:
         differs from the one in its header: the message names the file, both digests and says to
         use the previous checkpoint), or it does not match the model (other timestep count: a zip
         from another moment) or the envs (number, wrappers, type, a tokenizer with another
-        fingerprint: see :func:`textgym.allow_other_tokenizer`). A file of an older textgym,
-        without a checksum, loads with a ``UserWarning``.
+        fingerprint: see :func:`textgym.allow_other_tokenizer`), or it was saved by a run of
+        another world size, or in a data-parallel run ``model`` was not passed to
+        :func:`agents.data_parallel` first. A file of an older textgym, without a checksum, loads
+        with a ``UserWarning``.
     :raises TypeError: the envs cannot be restored (see :func:`save_training_state`).
     """
-    state = _read(Path(path))
+    if collectives.is_data_parallel() and not isinstance(model, DataParallelAlgorithm):
+        raise ValueError(_NOT_WRAPPED)
+    state = _own_part(_read(Path(path)), path)
     venv = _dummy_vec_env(model)
     if state["num_timesteps"] != model.num_timesteps:
         raise ValueError(f"{path} was saved at {state['num_timesteps']} timesteps but the model is at "
@@ -194,7 +253,9 @@ def resume_latest(directory: str | os.PathLike, env: Any, algorithm: Any = None,
     """Load the newest complete checkpoint of a :class:`agents.RollingCheckpointCallback` folder,
     its files verified (:func:`agents.latest_checkpoint`), with its training state if it has one.
 
-    Continue with ``model.learn(total - model.num_timesteps, reset_num_timesteps=False)``.
+    Continue with ``model.learn(total - model.num_timesteps, reset_num_timesteps=False)``. In a
+    data-parallel run (a process group is up) every rank calls it, and the loaded model is made
+    data-parallel (:func:`agents.data_parallel`) before its training state is loaded.
 
     :param directory: the callback's ``save_path``.
     :param env: the envs, built as the saved run's (see :func:`load_training_state`).
@@ -215,6 +276,8 @@ def resume_latest(directory: str | os.PathLike, env: Any, algorithm: Any = None,
         raise ValueError(f"{checkpoint.manifest} lists no SB3 zip (an inference-only or adapters-only checkpoint): "
                          "resume from a RollingCheckpointCallback without inference_only/adapters_only")
     model = load_algorithm(checkpoint.model, env, algorithm, **load_kwargs)
+    if collectives.is_data_parallel():
+        data_parallel(model)  # before the training state: it seeds the ranks apart
     if checkpoint.training_state is not None:
         load_training_state(model, checkpoint.training_state)
     return model
