@@ -13,6 +13,7 @@ then states whether held-out accuracy rose by more than 2 standard errors::
 
     python examples/train_reasoning.py                          # ~15 min on a 2-core CPU
     python examples/train_reasoning.py --task gcd --task-config '{}'
+    torchrun --standalone --nproc-per-node 2 examples/train_reasoning.py   # data-parallel, 2 ranks (agents.data_parallel)
     tensorboard --logdir runs/
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -27,8 +29,9 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 
 import textgym  # noqa: F401  (registers TextGen-Reasoning-v0)
-from agents import (AdaptiveKLController, KLPenaltyCallback, SampleTextCallback, TransformerPolicy,
-                    evaluate_against_reference, text_ppo_kwargs)
+from agents import (AdaptiveKLController, KLPenaltyCallback, SampleTextCallback, TransformerPolicy, data_parallel,
+                    evaluate_against_reference, local_device, text_ppo_kwargs)
+from agents.distributed.collectives import rank
 
 DEFAULT_TASK_CONFIG = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)
 
@@ -64,34 +67,40 @@ def main() -> None:
     parser.add_argument("--kl-coef", type=float, default=0.05, help="initial KL coefficient beta; 0 disables the penalty")
     parser.add_argument("--kl-target", type=float, default=4.0, help="target KL per episode (nats) of the adaptive controller")
     parser.add_argument("--format-weight", type=float, default=0.0, help="reward for a well-formatted <answer> reply")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads per machine, shared by its ranks under torchrun")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tensorboard-log", default="runs/")
     parser.add_argument("--save", default=None, help="path to save the trained model (SB3 zip)")
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
+    threads = max(1, args.threads // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    torch.set_num_threads(threads)
     start = time.perf_counter()
     env_kwargs = dict(task=args.task, task_config=args.task_config, max_new_tokens=args.max_new_tokens,
                       format_weight=args.format_weight, test_size=args.test_size)
     train_env = make_vec_env("TextGen-Reasoning-v0", n_envs=args.n_envs, seed=args.seed, env_kwargs=env_kwargs)
-    model = PPO(TransformerPolicy, train_env, seed=args.seed, verbose=1, tensorboard_log=args.tensorboard_log,
-                **text_ppo_kwargs(learning_rate=args.learning_rate, n_steps=args.n_steps))
+    # Under torchrun, data_parallel makes this one DD-PPO run over the ranks; with python it changes nothing.
+    model = data_parallel(PPO(TransformerPolicy, train_env, seed=args.seed, verbose=1, device=local_device(),
+                              tensorboard_log=args.tensorboard_log,
+                              **text_ppo_kwargs(learning_rate=args.learning_rate, n_steps=args.n_steps)))
     kl = KLPenaltyCallback(AdaptiveKLController(args.kl_coef, target=args.kl_target)) if args.kl_coef > 0 else None
     samples = SampleTextCallback(n_samples=4)  # a few replies, 4 times per run, to TensorBoard and here
     model.learn(total_timesteps=args.timesteps, progress_bar=True, tb_log_name=f"reasoning_{args.task}",
                 callback=[c for c in (kl, samples) if c is not None])
     train_seconds = time.perf_counter() - start
 
-    print("\nheld-out questions: 'reference' = the pretrained model (before training), 'trained' = after")
+    if rank() == 0:  # every rank evaluates its share of the episodes, rank 0 prints the table of all
+        print("\nheld-out questions: 'reference' = the pretrained model (before training), 'trained' = after")
     held_out = make_vec_env("TextGen-Reasoning-v0", n_envs=args.n_envs, env_kwargs=dict(env_kwargs, split="test"))
     results = evaluate_against_reference(model, held_out, n_episodes=args.eval_episodes, seed=10_000 + args.seed,
                                          tensorboard_log=model.logger.get_dir(), tag="heldout", step=model.num_timesteps)
-    check_accuracy(results, max_kl=2 * args.kl_target)
-    print(f"\nwall time {time.perf_counter() - start:.0f} s ({train_seconds:.0f} s to load and train "
-          f"{args.timesteps} steps), torch threads {args.threads}")
+    if rank() == 0:
+        check_accuracy(results, max_kl=2 * args.kl_target)
+        print(f"\nwall time {time.perf_counter() - start:.0f} s ({train_seconds:.0f} s to load and train "
+              f"{args.timesteps} steps), torch threads {threads} per rank")
     if args.save:
-        model.save(args.save)
+        model.save(args.save)  # rank 0 alone writes in a data-parallel run
 
 
 if __name__ == "__main__":

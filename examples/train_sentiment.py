@@ -11,12 +11,14 @@ most ``--max-perplexity-ratio`` times the reference's own (default 1.5)::
 
     python examples/train_sentiment.py                 # ~11 min on a 2-core CPU
     python examples/train_sentiment.py --lora-r 16 --learning-rate 1e-4   # LoRA adapters on q_proj, v_proj
+    torchrun --standalone --nproc-per-node 2 examples/train_sentiment.py   # data-parallel, 2 ranks (agents.data_parallel)
     tensorboard --logdir runs/
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -24,8 +26,9 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 
 import textgym  # noqa: F401  (registers TextGen-v0)
-from agents import (AdaptiveKLController, KLPenaltyCallback, SampleTextCallback, TransformerPolicy,
-                    evaluate_against_reference, text_ppo_kwargs)
+from agents import (AdaptiveKLController, KLPenaltyCallback, SampleTextCallback, TransformerPolicy, data_parallel,
+                    evaluate_against_reference, local_device, text_ppo_kwargs)
+from agents.distributed.collectives import rank
 
 
 def check_bounds(results: dict, max_kl: float, max_perplexity_ratio: float) -> bool:
@@ -57,7 +60,8 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=128)
     parser.add_argument("--kl-coef", type=float, default=0.05, help="initial KL coefficient beta; 0 disables the penalty")
     parser.add_argument("--kl-target", type=float, default=4.0, help="target KL per episode (nats) of the adaptive controller")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (on 2 cores, 2 gave 1.5x the update throughput of 1)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads per machine, shared by its ranks under torchrun (on 2 cores, 2 gave 1.5x the update throughput of 1)")
     parser.add_argument("--max-kl", type=float, default=None,
                         help="bound on the held-out KL to the reference, nats per episode (default: 2 x --kl-target)")
     parser.add_argument("--max-perplexity-ratio", type=float, default=1.5,
@@ -69,35 +73,41 @@ def main() -> None:
     parser.add_argument("--save", default=None, help="path to save the trained model (SB3 zip)")
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
+    threads = max(1, args.threads // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    torch.set_num_threads(threads)
     start = time.perf_counter()
     env_kwargs = dict(max_new_tokens=args.max_new_tokens)
     train_env = make_vec_env("TextGen-v0", n_envs=args.n_envs, seed=args.seed, env_kwargs=env_kwargs)
     lora = (dict(lora_config=dict(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=["q_proj", "v_proj"]))
             if args.lora_r else {})
-    model = PPO(TransformerPolicy, train_env, seed=args.seed, verbose=1, tensorboard_log=args.tensorboard_log,
-                **text_ppo_kwargs(learning_rate=args.learning_rate, n_steps=args.n_steps, policy_kwargs=lora))
+    # Under torchrun, data_parallel makes this one DD-PPO run over the ranks; with python it changes nothing.
+    model = data_parallel(PPO(TransformerPolicy, train_env, seed=args.seed, verbose=1, device=local_device(),
+                              tensorboard_log=args.tensorboard_log,
+                              **text_ppo_kwargs(learning_rate=args.learning_rate, n_steps=args.n_steps, policy_kwargs=lora)))
 
     # Ziegler et al. (2019): penalise each token's log-ratio to the frozen starting model.
     kl = KLPenaltyCallback(AdaptiveKLController(args.kl_coef, target=args.kl_target)) if args.kl_coef > 0 else None
     samples = SampleTextCallback(n_samples=4)  # a few completions, 4 times per run, to TensorBoard and here
     model.learn(total_timesteps=args.timesteps, progress_bar=True, tb_log_name="sentiment",
                 callback=[c for c in (kl, samples) if c is not None])
-    if kl is not None:
+    if kl is not None and rank() == 0:
         print(f"\nlast rollout: KL to the reference {kl.stats.get('kl/episode_kl', float('nan')):.2f} nats per episode, "
               f"beta {kl.stats['kl/coef']:.4f}, score {kl.stats.get('kl/score', float('nan')):+.3f}")
 
     # Held-out prompts; the pretrained reference ("before") and the trained policy ("after") see the same ones.
-    print("\nheld-out prompts: 'reference' = the pretrained model (before training), 'trained' = after")
+    # Every rank evaluates its share of the episodes; rank 0 prints the table of all of them.
+    if rank() == 0:
+        print("\nheld-out prompts: 'reference' = the pretrained model (before training), 'trained' = after")
     held_out = make_vec_env("TextGen-v0", n_envs=args.n_envs, env_kwargs=dict(env_kwargs, prompts="movie_reviews:test"))
     results = evaluate_against_reference(model, held_out, n_episodes=args.eval_episodes, seed=10_000 + args.seed,
                                          tensorboard_log=model.logger.get_dir(), tag="heldout", step=model.num_timesteps)
-    check_bounds(results, max_kl=2 * args.kl_target if args.max_kl is None else args.max_kl,
-                 max_perplexity_ratio=args.max_perplexity_ratio)
-    print(f"\nwall time {time.perf_counter() - start:.0f} s for {args.timesteps} training steps "
-          f"({args.timesteps // args.max_new_tokens} or more episodes), torch threads {args.threads}")
+    if rank() == 0:
+        check_bounds(results, max_kl=2 * args.kl_target if args.max_kl is None else args.max_kl,
+                     max_perplexity_ratio=args.max_perplexity_ratio)
+        print(f"\nwall time {time.perf_counter() - start:.0f} s for {args.timesteps} training steps "
+              f"({args.timesteps // args.max_new_tokens} or more episodes), torch threads {threads} per rank")
     if args.save:
-        model.save(args.save)
+        model.save(args.save)  # rank 0 alone writes in a data-parallel run
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ reward, win rate, invalid-move rate, turns, KL and length::
 
     python examples/train_textarena.py                          # ~20 min on a 2-core CPU
     python examples/train_textarena.py --game Bandit-v0 --timesteps 4096
+    torchrun --standalone --nproc-per-node 2 examples/train_textarena.py   # data-parallel, 2 ranks (agents.data_parallel)
     tensorboard --logdir runs/
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -28,8 +30,9 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 
 import textgym  # noqa: F401  (registers TextArena-v0)
-from agents import (AdaptiveKLController, KLPenaltyCallback, SampleTextCallback, TransformerPolicy,
-                    evaluate_against_reference, text_ppo_kwargs)
+from agents import (AdaptiveKLController, KLPenaltyCallback, SampleTextCallback, TransformerPolicy, data_parallel,
+                    evaluate_against_reference, local_device, text_ppo_kwargs)
+from agents.distributed.collectives import rank
 
 SYSTEM_PROMPT = "You are playing a game. Read the rules carefully and always answer in the required format."
 
@@ -58,36 +61,42 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=128)
     parser.add_argument("--kl-coef", type=float, default=0.05, help="initial KL coefficient beta; 0 disables the penalty")
     parser.add_argument("--kl-target", type=float, default=4.0, help="target KL per episode (nats) of the adaptive controller")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads per machine, shared by its ranks under torchrun")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tensorboard-log", default="runs/")
     parser.add_argument("--save", default=None, help="path to save the trained model (SB3 zip)")
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
+    threads = max(1, args.threads // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    torch.set_num_threads(threads)
     start = time.perf_counter()
     env_kwargs = dict(game=args.game, game_kwargs=args.game_kwargs, system_prompt=SYSTEM_PROMPT,
                       max_reply_tokens=args.max_reply_tokens, max_prompt_tokens=args.max_prompt_tokens,
                       max_context_tokens=args.max_context_tokens)
     train_env = make_vec_env("TextArena-v0", n_envs=args.n_envs, seed=args.seed, env_kwargs=env_kwargs)
-    model = PPO(TransformerPolicy, train_env, seed=args.seed, verbose=1, tensorboard_log=args.tensorboard_log,
-                **text_ppo_kwargs(learning_rate=args.learning_rate, n_steps=args.n_steps))
+    # Under torchrun, data_parallel makes this one DD-PPO run over the ranks; with python it changes nothing.
+    model = data_parallel(PPO(TransformerPolicy, train_env, seed=args.seed, verbose=1, device=local_device(),
+                              tensorboard_log=args.tensorboard_log,
+                              **text_ppo_kwargs(learning_rate=args.learning_rate, n_steps=args.n_steps)))
     kl = KLPenaltyCallback(AdaptiveKLController(args.kl_coef, target=args.kl_target)) if args.kl_coef > 0 else None
     samples = SampleTextCallback(n_samples=2)
     model.learn(total_timesteps=args.timesteps, progress_bar=True, tb_log_name=f"textarena_{args.game}",
                 callback=[c for c in (kl, samples) if c is not None])
     train_seconds = time.perf_counter() - start
 
-    print("\nunseen game seeds: 'reference' = the pretrained model (before training), 'trained' = after")
+    if rank() == 0:  # every rank evaluates its share of the episodes, rank 0 prints the table of all
+        print("\nunseen game seeds: 'reference' = the pretrained model (before training), 'trained' = after")
     eval_env = make_vec_env("TextArena-v0", n_envs=args.n_envs, env_kwargs=env_kwargs)
     results = evaluate_against_reference(model, eval_env, n_episodes=args.eval_episodes, seed=10_000 + args.seed,
                                          kv_cache=True, tensorboard_log=model.logger.get_dir(), tag="heldout",
                                          step=model.num_timesteps)
-    check_reward(results)
-    print(f"\nwall time {time.perf_counter() - start:.0f} s ({train_seconds:.0f} s to load and train "
-          f"{args.timesteps} steps), torch threads {args.threads}")
+    if rank() == 0:
+        check_reward(results)
+        print(f"\nwall time {time.perf_counter() - start:.0f} s ({train_seconds:.0f} s to load and train "
+              f"{args.timesteps} steps), torch threads {threads} per rank")
     if args.save:
-        model.save(args.save)
+        model.save(args.save)  # rank 0 alone writes in a data-parallel run
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ class SampleTextCallback(BaseCallback):
     during that rollout are recorded as one markdown table — prompt, completion, and every entry of
     ``info["reward_components"]`` (the env's reward before any KL penalty) — under ``samples/text``
     with SB3's logger, which writes strings to TensorBoard's text tab at the current timestep, and
-    printed to the console when ``verbose >= 1``.
+    printed to the console when ``verbose >= 1`` (by rank 0 alone in a data-parallel run: its own
+    episodes').
 
     :param n_samples: episodes shown per logged rollout, >= 1.
     :param every: log every ``every``-th rollout (the first one included); ``None``: chosen at the
@@ -70,7 +71,7 @@ class SampleTextCallback(BaseCallback):
             table = samples_table(self.samples)
             self.tables.append(table)
             self.logger.record("samples/text", table, exclude=("stdout", "log", "json", "csv"))
-            if self.verbose >= 1:
+            if self.verbose >= 1 and collectives.rank() == 0:  # one console in a data-parallel run
                 print(f"samples at {self.num_timesteps} steps:\n{table}")
         self.rollouts += 1
 
