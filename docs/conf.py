@@ -31,7 +31,8 @@ extensions = [
 ]
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
-exclude_patterns = ["_build"]
+# _generated/ holds tables that results.md and testing.md include (docs/generate_results.py), no pages of their own.
+exclude_patterns = ["_build", "_generated"]
 # No intersphinx: the build runs offline, so references to torch, SB3 or Gymnasium stay plain text.
 nitpicky = False
 

@@ -1,0 +1,44 @@
+"""The results tables of the docs are the benchmarks' JSON results, not typed by hand.
+
+``docs/generate_results.py`` writes ``docs/_generated/*.md`` from ``benchmarks/results/`` with the
+benchmarks' own table functions; ``--check`` fails when a committed table no longer matches the
+JSON (a benchmark rerun without regenerating, or a table edited by hand). See docs/testing.md.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "docs/generate_results.py", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_the_generated_tables_match_the_benchmark_results():
+    result = run("--check")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_check_names_a_stale_table(monkeypatch, tmp_path):
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        import generate_results
+    finally:
+        sys.path.remove(str(ROOT / "docs"))
+    for name, make in generate_results.GENERATED.items():
+        (tmp_path / name).write_text(make())
+    table = tmp_path / "critic.md"
+    table.write_text(table.read_text().replace("| 0.35 |", "| 0.36 |"))  # a hand edit
+    monkeypatch.setattr(generate_results, "OUT", tmp_path)
+    assert generate_results.main(["--check"]) == 1
+    assert generate_results.main([]) == 0 and generate_results.main(["--check"]) == 0
+
+
+def test_the_results_pages_include_every_generated_table():
+    included = (ROOT / "docs" / "results.md").read_text() + (ROOT / "docs" / "testing.md").read_text()
+    for path in (ROOT / "docs" / "_generated").glob("*.md"):
+        assert f"{{include}} _generated/{path.name}" in included, path.name
