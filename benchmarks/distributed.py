@@ -35,8 +35,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 RESULTS = Path(__file__).resolve().parent / "results" / "distributed.json"
 TOTAL_ENVS = 8
 N_STEPS = 32
@@ -55,8 +53,9 @@ def timed(clock: dict, name: str, fn):
     return wrapper
 
 
-def all_reduce_seconds(parameters: list[torch.nn.Parameter], repeats: int) -> float:
-    """Seconds of one all-reduce of gradients shaped like ``parameters``, in DDP-sized buckets (mean of ``repeats``)."""
+def all_reduce_seconds(parameters: list, repeats: int) -> float:
+    """Seconds of one all-reduce of gradients shaped like ``parameters`` (torch parameters), in DDP-sized buckets (mean of ``repeats``)."""
+    import torch
     import torch.distributed as dist
 
     numel = sum(p.numel() for p in parameters)
@@ -73,6 +72,7 @@ def all_reduce_seconds(parameters: list[torch.nn.Parameter], repeats: int) -> fl
 
 def worker(iterations: int, out: str) -> None:
     """One rank (or the only process): time the main job's iterations, write rank 0's figures to ``out``."""
+    import torch
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env
 
@@ -132,25 +132,28 @@ def run_layout(ranks: int, threads: int, iterations: int) -> dict:
         return json.loads(out.read_text())
 
 
-def print_tables(results: list[dict], iterations: int) -> None:
+def tables(results: list[dict], iterations: int) -> str:
+    """The benchmark's markdown tables (scaling, then communication) from its results; the first layout is the baseline."""
     base = results[0]["seconds_per_iteration"]
-    print(f"\nMain job's PPO iteration ({TOTAL_ENVS} envs x {N_STEPS} steps = {TOTAL_ENVS * N_STEPS} generated tokens, "
-          f"split over the ranks), mean of {iterations} after a warm-up\n")
-    print("| ranks x threads | envs per rank | s/iteration | rollout | update | generated tokens/s | speed-up "
-          "| peak RSS per rank (MiB) |")
-    print("|---|---|---|---|---|---|---|---|")
+    lines = [f"Main job's PPO iteration ({TOTAL_ENVS} envs x {N_STEPS} steps = {TOTAL_ENVS * N_STEPS} generated tokens, "
+             f"split over the ranks), mean of {iterations} after a warm-up", "",
+             "| ranks x threads | envs per rank | s/iteration | rollout | update | generated tokens/s | speed-up "
+             "| peak RSS per rank (MiB) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        print(f"| {r['world_size']} x {r['threads']} | {r['envs_per_rank']} | {r['seconds_per_iteration']:.1f} | "
-              f"{r['rollout']:.1f} | {r['update']:.1f} | {r['tokens_per_second']:.1f} | "
-              f"{base / r['seconds_per_iteration']:.2f}x | {r['peak_rss_mib']:.0f} |")
+        lines.append(f"| {r['world_size']} x {r['threads']} | {r['envs_per_rank']} | {r['seconds_per_iteration']:.1f} | "
+                     f"{r['rollout']:.1f} | {r['update']:.1f} | {r['tokens_per_second']:.1f} | "
+                     f"{base / r['seconds_per_iteration']:.2f}x | {r['peak_rss_mib']:.0f} |")
     parallel = [r for r in results if "all_reduce_seconds" in r]
     if parallel:
-        print("\nCommunication: one all-reduce of every trainable gradient (gloo, this machine's loopback)\n")
-        print("| ranks | gradient (MiB, float32) | s per all-reduce | optimizer steps per update | bound per update (s) |")
-        print("|---|---|---|---|---|")
+        lines += ["", "Communication: one all-reduce of every trainable gradient (gloo, this machine's loopback)", "",
+                  "| ranks | gradient (MiB, float32) | s per all-reduce | optimizer steps per update | bound per update (s) |",
+                  "|---|---|---|---|---|"]
         for r in parallel:
-            print(f"| {r['world_size']} | {r['gradient_mib']:.0f} | {r['all_reduce_seconds']:.2f} | "
-                  f"{r['optimizer_steps_per_update']:.0f} | {r['all_reduce_seconds'] * r['optimizer_steps_per_update']:.1f} |")
+            lines.append(f"| {r['world_size']} | {r['gradient_mib']:.0f} | {r['all_reduce_seconds']:.2f} | "
+                         f"{r['optimizer_steps_per_update']:.0f} | "
+                         f"{r['all_reduce_seconds'] * r['optimizer_steps_per_update']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -162,6 +165,8 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
+        import torch
+
         torch.set_num_threads(args.threads)
         worker(args.iterations, args.out)
         return
@@ -172,7 +177,8 @@ def main() -> None:
             parser.error(f"{TOTAL_ENVS} envs do not split over {ranks} ranks")
         results.append(run_layout(ranks, threads, args.iterations))
         print(f"{layout}: {results[-1]}", file=sys.stderr, flush=True)
-    print_tables(results, args.iterations)
+    print()
+    print(tables(results, args.iterations))
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"iterations": args.iterations, "results": results}, indent=1) + "\n")
 

@@ -17,6 +17,7 @@ generated file                  from                                       made 
                                                                            ``summary_rows`` and ``markdown``
 ``critic.md``                   the ppo runs of ``compare_algorithms/``    :func:`critic_table` (the same
                                 and ``critic_*/``                          ``summary_rows``)
+``distributed.md``              ``benchmarks/results/distributed.json``    ``benchmarks/distributed.py``'s ``tables``
 =============================== ========================================== =====================================
 
 The plots (``--figures``) are ``benchmarks/compare_algorithms.py``'s ``plot`` of the same JSON
@@ -107,7 +108,13 @@ def critic_table() -> str:
     return header(sources) + "\n".join(lines) + "\n"
 
 
-GENERATED = {"seed_sweep.md": seed_sweep, "compare_algorithms.md": compare_algorithms, "critic.md": critic_table}
+def distributed() -> str:
+    data = json.loads((RESULTS / "distributed.json").read_text())
+    return header("benchmarks/results/distributed.json") + benchmark("distributed").tables(data["results"], data["iterations"])
+
+
+GENERATED = {"seed_sweep.md": seed_sweep, "compare_algorithms.md": compare_algorithms, "critic.md": critic_table,
+             "distributed.md": distributed}
 """File name under ``docs/_generated/`` -> the function that writes its text."""
 
 

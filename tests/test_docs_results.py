@@ -38,7 +38,7 @@ def test_the_check_names_a_stale_table(monkeypatch, tmp_path):
     assert generate_results.main([]) == 0 and generate_results.main(["--check"]) == 0
 
 
-def test_the_results_pages_include_every_generated_table():
-    included = (ROOT / "docs" / "results.md").read_text() + (ROOT / "docs" / "testing.md").read_text()
+def test_the_pages_include_every_generated_table():
+    pages = "".join(page.read_text() for page in (ROOT / "docs").rglob("*.md") if "_generated" not in page.parts)
     for path in (ROOT / "docs" / "_generated").glob("*.md"):
-        assert f"{{include}} _generated/{path.name}" in included, path.name
+        assert f"_generated/{path.name}" in pages, path.name
