@@ -19,11 +19,17 @@ thread each); the script prints a markdown table and writes, under ``--out``:
     python examples/compare_baselines.py                          # full suite, 3 seeds: 38 min on a shared 2-core CPU
     python examples/compare_baselines.py --quick                  # CartPole-v1 + keyword, 2 seeds: 40-45 s
     python examples/compare_baselines.py --tasks CartPole-v1 copy --seeds 0 1 2 3 --out runs/mine
+    python examples/compare_baselines.py --tasks CartPole-v1 CartPole-v1-2ranks   # one process against 2 ranks
+
+The row ``CartPole-v1-2ranks`` is the same training run data-parallel (:func:`agents.data_parallel`,
+DD-PPO): 2 ranks under ``torchrun`` with half the zoo's envs and half its minibatch each, so an
+iteration collects the same transitions and each optimizer step averages two half minibatches.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -62,6 +68,8 @@ class Benchmark:
     :param reference: the score to compare with (rl-zoo benchmark, or the text task's optimum).
     :param chance: exact expected reward of the uniform random policy (text tasks), else ``None``.
     :param text: a synthetic text task (``TransformerPolicy``, sampling at evaluation).
+    :param ranks: processes of a data-parallel run (``torchrun``, :func:`agents.data_parallel`);
+        ``n_envs`` is per rank.
     """
 
     name: str
@@ -75,6 +83,7 @@ class Benchmark:
     reference: str = ""
     chance: float | None = None
     text: bool = False
+    ranks: int = 1
 
 
 # --- classic control: rl-baselines3-zoo's PPO hyperparameters, read from the installed rl_zoo3 ------
@@ -94,8 +103,25 @@ def zoo_benchmark(env_id: str, total_timesteps: int, reference: str, quick_times
                      ppo_kwargs=ppo_kwargs, normalize=normalize, zoo_timesteps=zoo_timesteps, reference=reference)
 
 
+def data_parallel_benchmark(bench: Benchmark, ranks: int) -> Benchmark:
+    """``bench`` trained data-parallel over ``ranks`` processes (``<name>-<ranks>ranks``).
+
+    Its envs and its minibatch are split over the ranks: an iteration collects the transitions of
+    ``bench``'s, and each optimizer step averages the gradients of ``ranks`` minibatches that
+    together hold ``bench``'s ``batch_size`` transitions.
+
+    :raises ValueError: ``n_envs`` or ``batch_size`` does not divide by ``ranks``.
+    """
+    batch_size = bench.ppo_kwargs.get("batch_size", 64)  # SB3 PPO's default
+    if bench.n_envs % ranks or batch_size % ranks:
+        raise ValueError(f"{bench.name}'s {bench.n_envs} envs and minibatch of {batch_size} must split over {ranks} ranks")
+    return dataclasses.replace(bench, name=f"{bench.name}-{ranks}ranks", n_envs=bench.n_envs // ranks, ranks=ranks,
+                               ppo_kwargs={**bench.ppo_kwargs, "batch_size": batch_size // ranks})
+
+
 CLASSIC = [
     zoo_benchmark("CartPole-v1", 100_000, "500.0 ± 0.0"),
+    data_parallel_benchmark(zoo_benchmark("CartPole-v1", 100_000, "500.0 ± 0.0"), ranks=2),
     zoo_benchmark("Acrobot-v1", 200_000, "-73.5 ± 18.2"),
     zoo_benchmark("MountainCar-v0", 300_000, "-110.4 ± 19.5"),
     zoo_benchmark("Pendulum-v1", 100_000, "-172.2 ± 104.2"),
@@ -132,8 +158,11 @@ def box2d_available() -> bool:
 
 # --- one run: train one seed, evaluate it -------------------------------------------------------
 
-def make_env(bench: Benchmark, seed: int, monitor_dir: str | None = None):
+def make_env(bench: Benchmark, seed: int, monitor_dir: str | None = None, start_index: int = 0):
     """The vectorised env of ``bench``: ``n_envs`` Monitor-wrapped copies, seeded ``seed, seed+1, ...``.
+
+    ``start_index`` numbers the envs (and their Monitor files) from there, as SB3's ``make_vec_env``
+    does: a data-parallel rank ``r`` passes ``r * n_envs``, so the ranks' files do not collide.
 
     With ``bench.normalize`` the VecEnv is wrapped in ``VecNormalize`` (rl-zoo's ``normalize: true``:
     observations and rewards, the reward's discount being PPO's ``gamma``). ``Monitor`` sits inside,
@@ -143,7 +172,7 @@ def make_env(bench: Benchmark, seed: int, monitor_dir: str | None = None):
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import VecNormalize
 
-    env = make_vec_env(bench.env_id, n_envs=bench.n_envs, seed=seed, monitor_dir=monitor_dir)
+    env = make_vec_env(bench.env_id, n_envs=bench.n_envs, seed=seed, monitor_dir=monitor_dir, start_index=start_index)
     if bench.normalize:
         env = VecNormalize(env, gamma=bench.ppo_kwargs.get("gamma", 0.99))
     return env
@@ -165,6 +194,10 @@ def train_and_evaluate(name: str, seed: int, timesteps: int, out: str, n_eval_ep
     ``tests/test_synthetic.py``). Under ``VecNormalize`` the eval env gets the training observation
     statistics (``sync_envs_normalization``) and keeps them frozen (``training=False``), with raw rewards.
 
+    A data-parallel benchmark (``ranks > 1``) launches its ranks with ``torchrun`` from here
+    (:func:`launch_ranks`); each rank then runs this function, wraps the model in
+    :func:`agents.data_parallel` and writes its Monitor files into the one folder.
+
     :return: ``dict(name, seed, timesteps, score, score_std, wall_s, monitor_dir)``; ``score`` is the
         mean episodic return over ``n_eval_episodes``, ``wall_s`` the seconds of training plus evaluation.
     """
@@ -173,18 +206,23 @@ def train_and_evaluate(name: str, seed: int, timesteps: int, out: str, n_eval_ep
     from stable_baselines3.common.evaluation import evaluate_policy
     from stable_baselines3.common.vec_env import VecNormalize, sync_envs_normalization
 
+    from agents import data_parallel
+
+    bench = all_benchmarks()[name]
+    if bench.ranks > 1 and "LOCAL_RANK" not in os.environ:
+        return launch_ranks(bench, seed, timesteps, out, n_eval_episodes)
     torch.set_num_threads(1)  # small networks; one thread per worker process, workers in parallel
     start = time.perf_counter()
-    bench = all_benchmarks()[name]
     monitor_dir = os.path.join(out, "monitor", bench.name, f"seed{seed}")
-    env = make_env(bench, seed, monitor_dir)
+    env = make_env(bench, seed, monitor_dir, start_index=int(os.environ.get("RANK", 0)) * bench.n_envs)
     if bench.text:
         from agents import TransformerPolicy
         policy = TransformerPolicy
     else:
         policy = "MlpPolicy"
-    model = PPO(policy, env, seed=seed, verbose=0, tensorboard_log=os.path.join(out, "tensorboard"),
-                **bench.ppo_kwargs)
+    # data_parallel leaves a single process's model untouched.
+    model = data_parallel(PPO(policy, env, seed=seed, verbose=0, tensorboard_log=os.path.join(out, "tensorboard"),
+                              **bench.ppo_kwargs))
     model.learn(total_timesteps=timesteps, tb_log_name=f"{bench.name}_seed{seed}")
 
     eval_env = make_env(bench, seed + 1000)
@@ -194,6 +232,36 @@ def train_and_evaluate(name: str, seed: int, timesteps: int, out: str, n_eval_ep
     mean, std = evaluate_policy(model, eval_env, n_eval_episodes=n_eval_episodes, deterministic=not bench.text)
     return dict(name=bench.name, seed=seed, timesteps=timesteps, score=float(mean), score_std=float(std),
                 wall_s=time.perf_counter() - start, monitor_dir=monitor_dir)
+
+
+def launch_ranks(bench: Benchmark, seed: int, timesteps: int, out: str, n_eval_episodes: int) -> dict[str, Any]:
+    """Run :func:`train_and_evaluate` of a data-parallel ``bench`` on ``bench.ranks`` processes under ``torchrun``.
+
+    Every rank evaluates the same weights on the same seeded envs; rank 0 writes the result.
+
+    :return: rank 0's result, with ``wall_s`` from launch to exit (process start-up included).
+    :raises subprocess.CalledProcessError: a rank failed (``torchrun`` exits non-zero).
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={bench.ranks}",
+                        __file__, "--rank-worker", bench.name, str(seed), str(timesteps), out, str(n_eval_episodes),
+                        str(result)], env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
+        return {**json.loads(result.read_text()), "wall_s": time.perf_counter() - start}
+
+
+def rank_worker(name: str, seed: str, timesteps: str, out: str, n_eval_episodes: str, result: str) -> None:
+    """One rank of :func:`launch_ranks`: train, evaluate, and on rank 0 write the result to ``result``."""
+    from agents.distributed.collectives import rank
+
+    r = train_and_evaluate(name, int(seed), int(timesteps), out, int(n_eval_episodes))
+    if rank() == 0:
+        Path(result).write_text(json.dumps(r))
 
 
 def run_all(jobs: Sequence[tuple[Benchmark, int, int]], out: str, workers: int, n_eval_episodes: dict[bool, int]):
@@ -336,7 +404,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", help="subset of task names (default: all; --quick: CartPole-v1 keyword)")
     parser.add_argument("--out", default="runs/compare_baselines", help="output directory")
     parser.add_argument("--workers", type=int, default=2, help="parallel worker processes")
+    parser.add_argument("--rank-worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.rank_worker:
+        rank_worker(*args.rank_worker)
+        return
 
     by_name = all_benchmarks()
     benches = list(by_name.values())

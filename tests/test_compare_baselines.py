@@ -141,3 +141,17 @@ def test_monitor_episodes_orders_envs_by_wall_time(tmp_path):
 def test_unknown_task_is_rejected():
     with pytest.raises(SystemExit):
         load_script().main(["--tasks", "CartPole-v1", "NoSuchTask-v0"])
+
+
+def test_the_data_parallel_row_splits_envs_and_minibatch_over_its_ranks():
+    """CartPole-v1-2ranks collects the single-process row's transitions per iteration (half the envs
+    on each of 2 ranks) and averages two half minibatches per optimizer step."""
+    script = load_script()
+    benches = script.all_benchmarks()
+    single, parallel = benches["CartPole-v1"], benches["CartPole-v1-2ranks"]
+    assert (single.ranks, parallel.ranks) == (1, 2)
+    assert parallel.n_envs * 2 == single.n_envs
+    assert parallel.ppo_kwargs["batch_size"] * 2 == single.ppo_kwargs["batch_size"]
+    assert parallel.total_timesteps == single.total_timesteps
+    with pytest.raises(ValueError, match="split over 3 ranks"):
+        script.data_parallel_benchmark(single, ranks=3)
