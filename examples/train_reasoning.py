@@ -31,7 +31,8 @@ from stable_baselines3.common.env_util import make_vec_env
 import textgym  # noqa: F401  (registers TextGen-Reasoning-v0)
 from agents import (AdaptiveKLController, KLPenaltyCallback, SampleTextCallback, TransformerPolicy, data_parallel,
                     evaluate_against_reference, local_device, text_ppo_kwargs)
-from agents.distributed.collectives import rank
+from agents.distributed.collectives import rank, world_size
+from agents.training.evaluation import write_summary
 
 DEFAULT_TASK_CONFIG = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)
 
@@ -72,6 +73,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tensorboard-log", default="runs/")
     parser.add_argument("--save", default=None, help="path to save the trained model (SB3 zip)")
+    parser.add_argument("--results-json", default=None,
+                        help="write the held-out figures, the last rollout's KL and the wall times to this JSON file")
     args = parser.parse_args()
 
     threads = max(1, args.threads // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -94,11 +97,16 @@ def main() -> None:
         print("\nheld-out questions: 'reference' = the pretrained model (before training), 'trained' = after")
     held_out = make_vec_env("TextGen-Reasoning-v0", n_envs=args.n_envs, env_kwargs=dict(env_kwargs, split="test"))
     results = evaluate_against_reference(model, held_out, n_episodes=args.eval_episodes, seed=10_000 + args.seed,
-                                         tensorboard_log=model.logger.get_dir(), tag="heldout", step=model.num_timesteps)
+                                         kv_cache=True, tensorboard_log=model.logger.get_dir(), tag="heldout",
+                                         step=model.num_timesteps)
     if rank() == 0:
         check_accuracy(results, max_kl=2 * args.kl_target)
         print(f"\nwall time {time.perf_counter() - start:.0f} s ({train_seconds:.0f} s to load and train "
               f"{args.timesteps} steps), torch threads {threads} per rank")
+    if args.results_json and rank() == 0:
+        write_summary(args.results_json, results, demo="reasoning", seed=args.seed, timesteps=args.timesteps,
+                      world_size=world_size(), threads=threads, train_seconds=train_seconds,
+                      wall_seconds=time.perf_counter() - start, last_rollout={k: float(v) for k, v in (kl.stats if kl is not None else {}).items()})
     if args.save:
         model.save(args.save)  # rank 0 alone writes in a data-parallel run
 

@@ -28,7 +28,8 @@ from stable_baselines3.common.env_util import make_vec_env
 import textgym  # noqa: F401  (registers TextGen-v0)
 from agents import (AdaptiveKLController, KLPenaltyCallback, SampleTextCallback, TransformerPolicy, data_parallel,
                     evaluate_against_reference, local_device, text_ppo_kwargs)
-from agents.distributed.collectives import rank
+from agents.distributed.collectives import rank, world_size
+from agents.training.evaluation import write_summary
 
 
 def check_bounds(results: dict, max_kl: float, max_perplexity_ratio: float) -> bool:
@@ -71,6 +72,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tensorboard-log", default="runs/")
     parser.add_argument("--save", default=None, help="path to save the trained model (SB3 zip)")
+    parser.add_argument("--results-json", default=None,
+                        help="write the held-out figures, the last rollout's KL and the wall times to this JSON file")
     args = parser.parse_args()
 
     threads = max(1, args.threads // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -90,6 +93,7 @@ def main() -> None:
     samples = SampleTextCallback(n_samples=4)  # a few completions, 4 times per run, to TensorBoard and here
     model.learn(total_timesteps=args.timesteps, progress_bar=True, tb_log_name="sentiment",
                 callback=[c for c in (kl, samples) if c is not None])
+    train_seconds = time.perf_counter() - start
     if kl is not None and rank() == 0:
         print(f"\nlast rollout: KL to the reference {kl.stats.get('kl/episode_kl', float('nan')):.2f} nats per episode, "
               f"beta {kl.stats['kl/coef']:.4f}, score {kl.stats.get('kl/score', float('nan')):+.3f}")
@@ -100,12 +104,17 @@ def main() -> None:
         print("\nheld-out prompts: 'reference' = the pretrained model (before training), 'trained' = after")
     held_out = make_vec_env("TextGen-v0", n_envs=args.n_envs, env_kwargs=dict(env_kwargs, prompts="movie_reviews:test"))
     results = evaluate_against_reference(model, held_out, n_episodes=args.eval_episodes, seed=10_000 + args.seed,
-                                         tensorboard_log=model.logger.get_dir(), tag="heldout", step=model.num_timesteps)
+                                         kv_cache=True, tensorboard_log=model.logger.get_dir(), tag="heldout",
+                                         step=model.num_timesteps)
     if rank() == 0:
         check_bounds(results, max_kl=2 * args.kl_target if args.max_kl is None else args.max_kl,
                      max_perplexity_ratio=args.max_perplexity_ratio)
         print(f"\nwall time {time.perf_counter() - start:.0f} s for {args.timesteps} training steps "
               f"({args.timesteps // args.max_new_tokens} or more episodes), torch threads {threads} per rank")
+    if args.results_json and rank() == 0:
+        write_summary(args.results_json, results, demo="sentiment", seed=args.seed, timesteps=args.timesteps,
+                      world_size=world_size(), threads=threads, train_seconds=train_seconds,
+                      wall_seconds=time.perf_counter() - start, last_rollout={k: float(v) for k, v in (kl.stats if kl is not None else {}).items()})
     if args.save:
         model.save(args.save)  # rank 0 alone writes in a data-parallel run
 

@@ -32,7 +32,9 @@ from stable_baselines3.common.env_util import make_vec_env
 import textgym  # noqa: F401  (registers TextArena-v0)
 from agents import (AdaptiveKLController, KLPenaltyCallback, SampleTextCallback, TransformerPolicy, data_parallel,
                     evaluate_against_reference, local_device, text_ppo_kwargs)
-from agents.distributed.collectives import rank
+from agents.algorithms.kl import KL_HORIZON
+from agents.distributed.collectives import rank, world_size
+from agents.training.evaluation import write_summary
 
 SYSTEM_PROMPT = "You are playing a game. Read the rules carefully and always answer in the required format."
 
@@ -61,11 +63,15 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=128)
     parser.add_argument("--kl-coef", type=float, default=0.05, help="initial KL coefficient beta; 0 disables the penalty")
     parser.add_argument("--kl-target", type=float, default=4.0, help="target KL per episode (nats) of the adaptive controller")
+    parser.add_argument("--kl-horizon", type=float, default=KL_HORIZON,
+                        help="episodes over which the controller may change beta by about e^0.2 (agents.algorithms.kl.KL_HORIZON)")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads per machine, shared by its ranks under torchrun")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tensorboard-log", default="runs/")
     parser.add_argument("--save", default=None, help="path to save the trained model (SB3 zip)")
+    parser.add_argument("--results-json", default=None,
+                        help="write the held-out figures, the last rollout's KL and the wall times to this JSON file")
     args = parser.parse_args()
 
     threads = max(1, args.threads // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -79,7 +85,7 @@ def main() -> None:
     model = data_parallel(PPO(TransformerPolicy, train_env, seed=args.seed, verbose=1, device=local_device(),
                               tensorboard_log=args.tensorboard_log,
                               **text_ppo_kwargs(learning_rate=args.learning_rate, n_steps=args.n_steps)))
-    kl = KLPenaltyCallback(AdaptiveKLController(args.kl_coef, target=args.kl_target)) if args.kl_coef > 0 else None
+    kl = KLPenaltyCallback(AdaptiveKLController(args.kl_coef, target=args.kl_target, horizon=args.kl_horizon)) if args.kl_coef > 0 else None
     samples = SampleTextCallback(n_samples=2)
     model.learn(total_timesteps=args.timesteps, progress_bar=True, tb_log_name=f"textarena_{args.game}",
                 callback=[c for c in (kl, samples) if c is not None])
@@ -95,6 +101,10 @@ def main() -> None:
         check_reward(results)
         print(f"\nwall time {time.perf_counter() - start:.0f} s ({train_seconds:.0f} s to load and train "
               f"{args.timesteps} steps), torch threads {threads} per rank")
+    if args.results_json and rank() == 0:
+        write_summary(args.results_json, results, demo="textarena", seed=args.seed, timesteps=args.timesteps,
+                      world_size=world_size(), threads=threads, train_seconds=train_seconds,
+                      wall_seconds=time.perf_counter() - start, last_rollout={k: float(v) for k, v in (kl.stats if kl is not None else {}).items()})
     if args.save:
         model.save(args.save)  # rank 0 alone writes in a data-parallel run
 

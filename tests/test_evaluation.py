@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import numpy as np
@@ -13,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM
 
 from agents import TransformerPolicy, evaluate_against_reference, text_ppo_kwargs
-from agents.training.evaluation import distinct_n, markdown_table
+from agents.training.evaluation import TextEvaluation, distinct_n, markdown_table, write_summary
 from tests.conftest import keyword_reward
 from tests.scripted import script_stops
 from textgym.env import load_tokenizer
@@ -117,7 +119,7 @@ def test_bad_episode_count_is_rejected(tiny_env_kwargs):
         evaluate_against_reference(model, model.get_env(), n_episodes=0)
 
 
-def test_reward_components_get_a_column_with_mean_and_standard_error(tiny_env_kwargs):
+def test_reward_components_get_a_column_with_mean_and_standard_error(tiny_env_kwargs, tmp_path):
     def components(prompts, completions):
         good = np.array([c.split().count("good") for c in completions], dtype=float)
         return {"score": good / 4, "good_words": good, "long": np.array([float(len(c.split()) >= 3) for c in completions])}
@@ -137,6 +139,15 @@ def test_reward_components_get_a_column_with_mean_and_standard_error(tiny_env_kw
     assert "| good_words (± s.e.) | long (± s.e.) |" in header and rule.count("---") == 9
     trained = results["trained"].components["good_words"]
     assert rows[1].split(" | ")[2] == f"{trained[0]:.3f} ± {trained[1]:.3f}"
+
+    # What a run over seeds keeps of it (the demos' --results-json): every figure, no episodes.
+    path = tmp_path / "run.json"
+    write_summary(str(path), results, seed=3, wall_seconds=1.5)
+    saved = json.loads(path.read_text())
+    assert saved["seed"] == 3 and saved["wall_seconds"] == 1.5
+    assert saved["trained"]["components"]["good_words"] == list(trained)
+    assert saved["reference"]["reward_mean"] == results["reference"].reward_mean
+    assert set(saved["trained"]) == {f.name for f in dataclasses.fields(TextEvaluation)} - {"episodes"}
 
 
 def test_cached_sampler_draws_from_the_uncached_policy(tiny_env_kwargs, monkeypatch):

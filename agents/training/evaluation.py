@@ -29,6 +29,7 @@ Metrics (all over completed episodes on the env's prompts):
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ import torch as th
 from agents.algorithms.kl import reference_log_probs
 from agents.distributed import collectives
 from agents.policy.lora import adapters_disabled
+from agents.training.atomic import atomic_write_bytes
 
 
 @dataclass
@@ -101,6 +103,14 @@ class TextEvaluation:
     episodes: list[EpisodeSample] = field(repr=False)
     components: dict[str, tuple[float, float]] = field(default_factory=dict)
 
+    def summary(self) -> dict[str, Any]:
+        """Every metric but the episodes, JSON-serialisable: the fields above as floats (``components``
+        as ``{name: [mean, standard error]}``); what a run over seeds keeps of each evaluation."""
+        summary = {name: getattr(self, name) for name in ("name", "n_episodes", "reward_mean", "reward_sem", "kl_mean",
+                                                          "kl_sem", "perplexity", "distinct_1", "distinct_2", "length_mean")}
+        summary = {key: value if isinstance(value, (str, int)) else float(value) for key, value in summary.items()}
+        return {**summary, "components": {name: [float(m), float(s)] for name, (m, s) in self.components.items()}}
+
     def row(self, component_names: Sequence[str] = ()) -> str:
         """This evaluation as one row of :func:`markdown_table`, with columns for ``component_names``."""
         parts = "".join(f" {self.components[n][0]:.3f} ± {self.components[n][1]:.3f} |" if n in self.components
@@ -108,6 +118,19 @@ class TextEvaluation:
         return (f"| {self.name} | {self.reward_mean:+.3f} ± {self.reward_sem:.3f} |{parts} "
                 f"{self.kl_mean:.2f} ± {self.kl_sem:.2f} "
                 f"| {self.perplexity:.2f} | {self.distinct_1:.3f} | {self.distinct_2:.3f} | {self.length_mean:.1f} |")
+
+
+def write_summary(path: str, results: dict[str, TextEvaluation], **run: Any) -> None:
+    """Write ``results`` (:func:`evaluate_against_reference`'s) as JSON: ``run``'s items (seed, wall
+    times, ...: JSON-serialisable) and each evaluation's :meth:`TextEvaluation.summary` under its name.
+
+    The demos' ``--results-json`` (``benchmarks/demo_seeds.py`` collects them over seeds). The file
+    is written whole (a temporary file renamed into place), so a reader never sees half of one.
+
+    :raises OSError: the file cannot be written.
+    """
+    summary = {**run, **{name: evaluation.summary() for name, evaluation in results.items()}}
+    atomic_write_bytes(path, (json.dumps(summary, indent=1) + "\n").encode())
 
 
 def distinct_n(texts: Iterable[str], n: int) -> float:
