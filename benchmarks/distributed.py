@@ -42,17 +42,6 @@ MAX_NEW_TOKENS = 16
 BUCKET_BYTES = 25 * 2 ** 20  # DistributedDataParallel's default bucket_cap_mb
 
 
-def timed(clock: dict, name: str, fn):
-    """``fn`` wrapped so that each call adds its seconds to ``clock[name]``."""
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            clock[name] += time.perf_counter() - start
-    return wrapper
-
-
 def all_reduce_seconds(parameters: list, repeats: int) -> float:
     """Seconds of one all-reduce of gradients shaped like ``parameters`` (torch parameters), in DDP-sized buckets (mean of ``repeats``)."""
     import torch
@@ -79,6 +68,7 @@ def worker(iterations: int, out: str) -> None:
     import textgym  # noqa: F401
     from agents import AdaptiveKLController, KLPenaltyCallback, TransformerPolicy, data_parallel, local_device, text_ppo_kwargs
     from agents.distributed import collectives
+    from performance import timed  # benchmarks/performance.py (this script's folder is on sys.path)
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     n_envs = TOTAL_ENVS // world
