@@ -18,6 +18,7 @@ generated file                  from                                       made 
 ``critic.md``                   the ppo runs of ``compare_algorithms/``    :func:`critic_table` (the same
                                 and ``critic_*/``                          ``summary_rows``)
 ``distributed.md``              ``benchmarks/results/distributed.json``    ``benchmarks/distributed.py``'s ``tables``
+``demos.md``                    ``benchmarks/results/demos/``              ``benchmarks/demo_seeds.py``'s ``table``
 =============================== ========================================== =====================================
 
 The plots (``--figures``) are ``benchmarks/compare_algorithms.py``'s ``plot`` of the same JSON
@@ -113,8 +114,13 @@ def distributed() -> str:
     return header("benchmarks/results/distributed.json") + benchmark("distributed").tables(data["results"], data["iterations"])
 
 
+def demos() -> str:
+    demo_seeds = benchmark("demo_seeds")
+    return header("benchmarks/results/demos/*_seed*.json") + demo_seeds.table(demo_seeds.load(RESULTS / "demos"))
+
+
 GENERATED = {"seed_sweep.md": seed_sweep, "compare_algorithms.md": compare_algorithms, "critic.md": critic_table,
-             "distributed.md": distributed}
+             "distributed.md": distributed, "demos.md": demos}
 """File name under ``docs/_generated/`` -> the function that writes its text."""
 
 
