@@ -65,19 +65,42 @@ def transitions(records) -> Counter:
     return rows
 
 
+class NucleusSizes(BaseCallback):
+    """The mean number of tokens in the sampling nucleus over each rollout (``allowed_counts``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.means: list[float] = []
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.means.append(float(self.model.rollout_buffer.allowed_counts().mean()))
+
+
 @pytest.mark.learning
 def test_nlpo_learns_the_keyword_task(record_property):
-    """Measured (seed 0): 0.082 before; 1.0 after 4,096 steps (16 rollouts, 4 s on one thread); chance 0.086."""
+    """Measured (seed 0): 0.082 before; 1.0 after 4,096 steps (16 rollouts, 4 s on one thread); chance 0.086.
+
+    The last 4 rollouts sample from the masking policy refreshed at update 12. Over 59 seeds (0-15,
+    100-139, 858) its nucleus held 2.0-2.4 of the 10 tokens on 58 and 6.1 on seed 858, a slower
+    learner (the first rollout's: 9.0-9.2 on every seed); the bound, 1 token fewer than the first
+    rollout's, fails only if the policy at update 12 is nearly as flat as the pretrained one while
+    the final policy still scores > 0.9. (A bound of 3 tokens failed CI under seed 858.)
+    """
     model = make_nlpo(policy_kwargs=dict(top_p=0.9, target_update_iterations=4), seed=TEST_SEED)
     before = mean_reward(model)
-    model.learn(4096, callback=NLPOCallback(), use_masking=False)
+    nucleus = NucleusSizes()
+    model.learn(4096, callback=[NLPOCallback(), nucleus], use_masking=False)
     after = mean_reward(model)
     record_property("figure", after)
     assert before < KEYWORD.chance + 0.1
     assert after > 0.9, f"NLPO: {before:.3f} -> {after:.3f}"
     assert model.policy.masking_refreshes == [0, 4, 8, 12]
-    # The masking policy learned too: its nucleus shrank from most of the vocabulary to few tokens.
-    assert model.rollout_buffer.allowed_counts().mean() < 3
+    # The masking policy learned too: the nucleus it samples from shrank.
+    assert len(nucleus.means) == 16 and nucleus.means[0] > 8, nucleus.means
+    assert nucleus.means[-1] < nucleus.means[0] - 1, nucleus.means
 
 
 def test_without_the_nucleus_maskable_ppo_trains_exactly_as_ppo():
