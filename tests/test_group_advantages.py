@@ -205,16 +205,30 @@ def test_policy_without_a_critic_has_no_value_parameters(tiny_env_kwargs, tmp_pa
         PPO(TransformerPolicy, venv, policy_kwargs=dict(critic=False, net_arch=dict(pi=[], vf=[8])))
 
 
+def group_run(baseline: str, seed: int) -> tuple[float, PPO]:
+    """Mean reward after 2,048 steps of PPO with RLOO or GRPO advantages on the keyword task from ``seed``."""
+    keyword = TASKS["keyword"]
+    venv = GroupedPrompts(make_vec_env(keyword.gym_id, n_envs=8, seed=seed), group_size=4)
+    model = PPO(TransformerPolicy, venv, seed=seed, **group_ppo_kwargs(baseline, learning_rate=1e-3, batch_size=64))
+    model.learn(2048)
+    return mean_reward(model), model
+
+
 @pytest.mark.learning
 @pytest.mark.parametrize("baseline", ["rloo", "grpo"])
 def test_group_relative_ppo_learns_the_keyword_task(baseline, record_property):
-    """Measured (seed 0, 2,048 steps, chance 0.086): RLOO 0.094 -> 0.83, GRPO 0.094 -> 0.90."""
-    keyword = TASKS["keyword"]
-    venv = GroupedPrompts(make_vec_env(keyword.gym_id, n_envs=8, seed=TEST_SEED), group_size=4)
-    model = PPO(TransformerPolicy, venv, seed=TEST_SEED,
-                **group_ppo_kwargs(baseline, learning_rate=1e-3, batch_size=64))
-    model.learn(2048)
-    after = mean_reward(model)
-    record_property("figure", after)
-    assert after > 0.6, f"{baseline}: {after:.3f} after 2,048 steps"
+    """Measured (seed 0, 2,048 steps, chance 0.086): RLOO 0.094 -> 0.83, GRPO 0.094 -> 0.90.
+
+    Over seeds 0-25 one seeded run passed on 26 of 26 (RLOO) and 25 of 26 (GRPO: seed 16 reached
+    0.46), so up to three independently seeded runs are made and one must pass: failure odds about
+    (1/26)**3 = 6e-5 per CI run. The figure is the first run's."""
+    runs = []
+    for offset in (0, 1_000, 2_000):
+        runs.append(group_run(baseline, TEST_SEED + offset))
+        if runs[-1][0] > 0.6:
+            break
+    record_property("figure", runs[0][0])
+    record_property("runs", len(runs))
+    after, model = runs[-1]
+    assert after > 0.6, f"{baseline}: {[round(r[0], 3) for r in runs]} after 2,048 steps"
     assert model.rollout_buffer.group_stats["group/mean_size"] > 2
