@@ -32,7 +32,7 @@ import contextlib
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -106,8 +106,7 @@ class TextEvaluation:
     def summary(self) -> dict[str, Any]:
         """Every metric but the episodes, JSON-serialisable: the fields above as floats (``components``
         as ``{name: [mean, standard error]}``); what a run over seeds keeps of each evaluation."""
-        summary = {name: getattr(self, name) for name in ("name", "n_episodes", "reward_mean", "reward_sem", "kl_mean",
-                                                          "kl_sem", "perplexity", "distinct_1", "distinct_2", "length_mean")}
+        summary = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("episodes", "components")}
         summary = {key: value if isinstance(value, (str, int)) else float(value) for key, value in summary.items()}
         return {**summary, "components": {name: [float(m), float(s)] for name, (m, s) in self.components.items()}}
 
