@@ -86,6 +86,27 @@ def test_cached_features_equal_a_full_forward_across_staggered_episodes(tiny_env
     assert mixed_steps(walk) == 58
 
 
+def test_identical_new_rows_are_encoded_once(tiny_env_kwargs, monkeypatch):
+    """Envs that start the same observation together (an RLOO/GRPO group) share one encoding; their
+    next one-token steps from the copied cache equal a full forward."""
+    model = make_ppo({**tiny_env_kwargs, "prompts": ["the film was very", "one two"]}, n_envs=4)
+    policy, cache = model.policy, model.policy.rollout_cache
+    policy.set_training_mode(False)
+    space, tokenizer = model.observation_space, model.env.envs[0].unwrapped.tokenizer
+    prompts = ["one two", "the film was very", "one two", "one two"]
+    first = [space.encode(tokenizer(p)["input_ids"], []) for p in prompts]
+    second = [space.encode(tokenizer(p)["input_ids"], [5 + i]) for i, p in enumerate(prompts)]
+    encoded_rows = []
+    original = RolloutKVCache._run
+    monkeypatch.setattr(RolloutKVCache, "_run", lambda self, ids, *rest: encoded_rows.append(len(ids)) or original(self, ids, *rest))
+    for observations in (first, second):
+        obs = {k: torch.as_tensor(np.stack([o[k] for o in observations])) for k in ("input_ids", "attention_mask")}
+        with torch.no_grad():
+            torch.testing.assert_close(cache.features(obs["input_ids"], obs["attention_mask"]),
+                                       policy.extract_features(obs), rtol=0, atol=1e-5)
+    assert encoded_rows == [2, 4]  # two distinct prompts encoded, then one step of all four rows
+
+
 def test_kept_rows_continue_incrementally_and_exactly(tiny_env_kwargs, monkeypatch):
     """After ``keep_rows``, the kept rows (reordered) take one-token steps that equal a full forward."""
     model = make_ppo({**tiny_env_kwargs, "max_new_tokens": 6}, n_envs=4)

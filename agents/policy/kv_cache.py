@@ -241,10 +241,18 @@ class RolloutKVCache:
         return self._run(new_tokens, step_mask, positions, past)
 
     def _encode(self, rows: th.Tensor, ids: th.Tensor, mask: th.Tensor):
-        """Whole observations for rows without a usable cache (new episode, first call)."""
+        """Whole observations for rows without a usable cache (new episode, first call); identical
+        rows (an RLOO/GRPO group's members starting together) are encoded once and their cache copied."""
         row_ids, row_mask = right_align(ids[rows], mask[rows])
-        positions = (row_mask.cumsum(-1) - 1).clamp(min=0)
-        return self._run(row_ids, row_mask, positions, None)
+        distinct, copy_of = th.unique(th.cat([row_ids, row_mask], dim=-1), dim=0, return_inverse=True)
+        if len(distinct) == len(rows):
+            positions = (row_mask.cumsum(-1) - 1).clamp(min=0)
+            return self._run(row_ids, row_mask, positions, None)
+        width = row_ids.shape[-1]
+        distinct_ids, distinct_mask = distinct[:, :width], distinct[:, width:]
+        positions = (distinct_mask.cumsum(-1) - 1).clamp(min=0)
+        last, layers, encoded_mask = self._run(distinct_ids, distinct_mask, positions, None)
+        return last[copy_of], [(key[copy_of], value[copy_of]) for key, value in layers], encoded_mask[copy_of]
 
     def _run(self, ids, mask, positions, past):
         from transformers import DynamicCache
