@@ -12,28 +12,32 @@ and loaded by path. Either the policy built on it passes the exactness checks, o
 (b) KV-cached rollout features (``policy.rollout_cache``) equal uncached ``extract_features``
     over successive steps, rows that continue and rows that reset in the same call;
 (c) the episode-grouped update (``share_prefix_forward=True``) gives the per-transition values,
-    log-probs, entropies and gradients (``share_prefix_forward=False``).
+    log-probs, entropies and gradients (``share_prefix_forward=False``);
+(d) activation checkpointing (``gradient_checkpointing``) gives the same update with the LM in eval
+    mode (dropout off) and saves less than half the bytes for the backward;
+(e) running a prefix that every episode shares once, against its expanded KV cache, gives the
+    per-episode features and gradients, with and without activation checkpointing.
 
 The window is 5 prompt + 6 generated tokens = 11 positions.
 
 =============================================  ====================================================
-architecture (config)                          result (transformers 5.24)
+architecture (config)                          result (transformers 5.25)
 =============================================  ====================================================
-GPT-2 (``GPT2Config``)                         passes (a) (b) (c)
-Llama (``LlamaConfig``)                        passes (a) (b) (c)
-Qwen2 (``Qwen2Config``)                        passes (a) (b) (c); tokenizer not loadable from
+GPT-2 (``GPT2Config``)                         passes (a)-(e)
+Llama (``LlamaConfig``)                        passes (a)-(e)
+Qwen2 (``Qwen2Config``)                        passes (a)-(e); tokenizer not loadable from
                                                its directory (xfail, strict) [1]
-Mistral (``MistralConfig``, sliding_window=4)  passes (a) (b) (c)
+Mistral (``MistralConfig``, sliding_window=4)  passes (a)-(e)
 Gemma-2 (``Gemma2Config``,                     fails at construction: ``ValueError`` "... changes
 final_logit_softcapping=0.5)                   its logits after the output head ...; config:
                                                {'final_logit_softcapping': 0.5} ... not supported"
-Gemma-2 (no soft-capping, sliding_window=4)    passes (a) (b) (c)
-Phi (``PhiConfig``)                            passes (a) (b) (c)
-GPT-NeoX (``GPTNeoXConfig``)                   passes (a) (b) (c)
-OPT (``OPTConfig``)                            passes (a) (b) (c)
-Qwen3 (``Qwen3Config``)                        passes (a) (b) (c)
-Gemma (``GemmaConfig``)                        passes (a) (b) (c)
-OLMo2 (``Olmo2Config``)                        passes (a) (b) (c)
+Gemma-2 (no soft-capping, sliding_window=4)    passes (a)-(e)
+Phi (``PhiConfig``)                            passes (a)-(e)
+GPT-NeoX (``GPTNeoXConfig``)                   passes (a)-(e)
+OPT (``OPTConfig``)                            passes (a)-(e)
+Qwen3 (``Qwen3Config``)                        passes (a)-(e)
+Gemma (``GemmaConfig``)                        passes (a)-(e)
+OLMo2 (``Olmo2Config``)                        passes (a)-(e)
 =============================================  ====================================================
 
 [1] transformers loads the tokenizer of every ``model_type: qwen2`` directory as
@@ -49,6 +53,8 @@ check's tolerance, so the tiny model caps at 0.5 to be a model that really trans
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -71,6 +77,7 @@ from transformers import (
 )
 
 from agents import TransformerPolicy, text_ppo_kwargs
+from agents.policy.checkpointing import activation_checkpointing, checkpoint_layers
 from agents.policy.prefix_sharing import covering_rows
 from tests.conftest import PROMPTS, keyword_reward
 from tests.test_kv_cache import STAGGERED, mixed_steps, random_walk
@@ -222,3 +229,96 @@ def test_grouped_update_equals_per_transition(arch):
         torch.testing.assert_close(got, expected, rtol=0, atol=ATOL)
     for got, expected in zip(results[True][3], results[False][3]):
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=ATOL)
+
+
+def saved_activation_bytes(policy, obs, actions) -> tuple[tuple[torch.Tensor, ...], int]:
+    """``(values, log_prob, entropy, *gradients)`` of one update forward and backward, and the bytes
+    autograd saved for the backward outside any checkpoint (torch's saved-tensors hooks)."""
+    saved = 0
+
+    def pack(tensor):
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    policy.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        values, log_prob, entropy = policy.evaluate_actions(obs, actions)
+    (values.sum() + log_prob.sum() + entropy.sum()).backward()
+    return (values, log_prob, entropy, *[p.grad.clone() for p in policy.parameters()]), saved
+
+
+def test_activation_checkpointing_is_exact_in_eval_mode(arch):
+    """(d) ``gradient_checkpointing`` gives the same update (values, log-probs, entropies, gradients) with
+    the LM in eval mode, and saves less for the backward: the layers' activations are recomputed."""
+    model, _ = arch
+    policy = model.policy
+    steps = list(random_walk(model.env, steps=8, seed=2, lengths=(2, 3, 7)))
+    obs = {k: torch.cat([o[k] for o in steps]) for k in ("input_ids", "attention_mask")}
+    actions = torch.as_tensor(np.random.default_rng(1).integers(0, model.action_space.n, len(obs["input_ids"])))
+    with torch.no_grad():
+        policy.value_net.weight.normal_(generator=torch.Generator().manual_seed(1))
+    policy.set_training_mode(True)
+    assert not any(m.training for m in policy.lm.modules())  # dropout (0.1 in GPT-2, OPT, Phi, NeoX) is off
+    results = {}
+    try:
+        for checkpointed in (False, True):
+            policy.gradient_checkpointing = checkpointed
+            results[checkpointed] = saved_activation_bytes(policy, obs, actions)
+    finally:
+        policy.gradient_checkpointing = False
+        policy.zero_grad()
+    assert not any(m.training for m in policy.lm.modules())
+    assert all("forward" not in vars(m) for m in policy.lm.modules())  # the override ended with the forward
+    (plain, plain_bytes), (checkpointed, checkpointed_bytes) = results[False], results[True]
+    assert checkpointed_bytes < plain_bytes / 2, (checkpointed_bytes, plain_bytes)
+    for got, expected in zip(checkpointed, plain):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("short_episode", [True, False])
+def test_shared_prefix_forward_is_exact(arch, short_episode):
+    """(e) Running the prefix every episode shares once, then each episode's rest against its keys and
+    values, gives the per-episode forward's features and gradients: left-padded episodes that start in
+    different columns, rows that end inside the shared prefix, and an episode that is only the prefix
+    (``short_episode``; without it, the whole prompt is shared)."""
+    from agents.policy.prefix_sharing import last_token_features, shared_prefix_length
+
+    model, _ = arch
+    policy, space = model.policy, model.observation_space
+    tokenizer = model.env.envs[0].unwrapped.tokenizer
+    prompt = tokenizer("the film was very")["input_ids"]
+    rows = [(prompt, []), (prompt[:2] if short_episode else prompt, []), (prompt, [7, 9, 5, 11, 12, 6]), (prompt, [3]),
+            (prompt, [3, 5, 2]), (prompt, [8, 8])]
+    observations = [space.encode(p, generated) for p, generated in rows]
+    batch = {k: torch.as_tensor(np.stack([o[k] for o in observations])) for k in ("input_ids", "attention_mask")}
+    reps = torch.unique(covering_rows(batch["input_ids"], batch["attention_mask"]))
+    # With the short episode (row 1: prompt[:2] and nothing else) four episodes share 2 tokens; without, three share 4.
+    assert reps.tolist() == ([1, 2, 4, 5] if short_episode else [2, 4, 5])
+    assert shared_prefix_length(batch["input_ids"][reps], batch["attention_mask"][reps]) == (2 if short_episode else 4)
+    lm = policy.lm
+    results = {}
+    saved = {}
+    for shared, checkpointed in ((None, False), (1, False), (1, True)):
+        lm.zero_grad()
+        saved[shared, checkpointed] = 0
+
+        def pack(tensor, key=(shared, checkpointed)):
+            saved[key] += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with (activation_checkpointing(checkpoint_layers(lm)) if checkpointed else contextlib.nullcontext(),
+              torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)):
+            features = last_token_features(lm, batch["input_ids"], batch["attention_mask"], min_shared_prefix=shared)
+        (features * torch.linspace(-1, 1, features.shape[-1])).sum().backward()
+        results[shared, checkpointed] = (features, [p.grad.clone() for p in lm.parameters() if p.grad is not None])
+    lm.zero_grad()
+    # Checkpointing the episodes' rest (the one-row prefix forward writes the cache, so it is not) saves less.
+    assert saved[1, True] < saved[1, False] * 0.75, saved
+    expected_features, expected_grads = results[None, False]
+    for variant in ((1, False), (1, True)):  # shared prefix; shared prefix with activation checkpointing
+        features, grads = results[variant]
+        torch.testing.assert_close(features, expected_features, rtol=0, atol=ATOL)
+        assert len(grads) == len(expected_grads) > 0
+        for got, expected in zip(grads, expected_grads):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=ATOL)

@@ -185,3 +185,34 @@ def test_sb3_default_buffer_warns_once_at_the_first_update(make_tiny_env):
         warnings.simplefilter("always")
         grouped.learn(256)
     assert not [w for w in caught if "not grouped by episode" in str(w.message)]
+
+
+def test_update_runs_the_prompt_every_episode_shares_once(tiny_env_kwargs, monkeypatch):
+    """With one prompt for every episode (an RLOO/GRPO group, a system turn, a game's rules), the update
+    encodes it once per minibatch and lets each episode read its keys and values; values, log-probs,
+    entropies and gradients equal the per-transition forward's."""
+    model = collect({**tiny_env_kwargs, "prompts": ["the film was very"], "max_new_tokens": 5}, monkeypatch=monkeypatch)
+    policy = model.policy
+    batch = next(model.rollout_buffer.get(batch_size=None))
+    actions = batch.actions.long().flatten()
+    policy.min_shared_prefix = 4  # the tiny prompt: 4 tokens
+    shared_calls = []
+    original = prefix_sharing.prefix_then_rest_hidden
+    monkeypatch.setattr(prefix_sharing, "prefix_then_rest_hidden",
+                        lambda lm, ids, mask, prefix: shared_calls.append((len(ids), prefix)) or original(lm, ids, mask, prefix))
+    results = {}
+    for grouped in (True, False):
+        policy.share_prefix_forward = grouped
+        policy.zero_grad()
+        values, log_prob, entropy = policy.evaluate_actions(batch.observations, actions)
+        (values.sum() + log_prob.sum() + entropy.sum()).backward()
+        results[grouped] = (values, log_prob, entropy, [p.grad.clone() for p in policy.parameters()])
+    policy.share_prefix_forward = True
+    # The premise: one call for the minibatch's episodes (several, of different lengths), sharing the 4 prompt tokens.
+    episodes = len(torch.unique(covering_rows(batch.observations["input_ids"].long(),
+                                              batch.observations["attention_mask"].long())))
+    assert shared_calls == [(episodes, 4)] and episodes > 2
+    for got, expected in zip(results[True][:3], results[False][:3]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    for got, expected in zip(results[True][3], results[False][3]):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

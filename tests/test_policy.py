@@ -106,7 +106,8 @@ def test_vocab_mismatch_is_an_error_at_construction(tiny_env_kwargs):
 
 @pytest.mark.parametrize(
     ("policy_kwargs", "match"),
-    [(dict(ortho_init=True), "pretrained"), (dict(net_arch=[64]), "actor layers")],
+    [(dict(ortho_init=True), "pretrained"), (dict(net_arch=[64]), "actor layers"),
+     (dict(min_shared_prefix=0), "min_shared_prefix must be a positive number of tokens or None")],
 )
 def test_settings_that_would_break_the_lm_are_rejected(tiny_env_kwargs, policy_kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -85,7 +85,8 @@ REFERENCE_CHUNK = 512
 
 
 def reference_log_probs(reference, input_ids: th.Tensor, attention_mask: th.Tensor, actions: th.Tensor,
-                        chunk_size: int = REFERENCE_CHUNK, logit_mask: th.Tensor | None = None) -> th.Tensor:
+                        chunk_size: int = REFERENCE_CHUNK, logit_mask: th.Tensor | None = None,
+                        min_shared_prefix: int | None = None) -> th.Tensor:
     """``log pi_ref(a|s)`` for a batch of token-window observations, one forward per episode.
 
     Rows are scored ``chunk_size`` at a time, so memory stays bounded however long the rollout
@@ -102,13 +103,15 @@ def reference_log_probs(reference, input_ids: th.Tensor, attention_mask: th.Tens
     :param chunk_size: rows per forward, >= 1.
     :param logit_mask: bool ``(vocab,)``, token ids excluded from the softmax (a policy's
         :attr:`agents.TransformerPolicy.logit_mask`); ``None``: the LM's full distribution.
+    :param min_shared_prefix: run the tokens all of a chunk's episodes begin with once, from this many
+        (:func:`agents.policy.prefix_sharing.last_token_features`); ``None``: never.
     :return: ``float32 (B,)`` log-probabilities (natural log).
     """
     out = []
     with th.no_grad():
         for lo in range(0, len(actions), chunk_size):
             rows = slice(lo, lo + chunk_size)
-            features = last_token_features(reference, input_ids[rows], attention_mask[rows])
+            features = last_token_features(reference, input_ids[rows], attention_mask[rows], min_shared_prefix)
             logits = output_logits(reference, features, logit_mask)
             chosen = logits.gather(-1, actions[rows].long().view(-1, 1)).squeeze(-1)
             out.append(chosen - th.logsumexp(logits, dim=-1))
@@ -226,10 +229,12 @@ class KLPenaltyCallback(BaseCallback):
         return self.reference_model is None and getattr(self.model.policy, "peft_model", None) is not None
 
     def _reference_log_probs(self, input_ids: th.Tensor, attention_mask: th.Tensor, actions: th.Tensor) -> th.Tensor:
+        # The policy's own architecture passed its KV-cache check; another reference model may not have.
+        shared = getattr(self.model.policy, "shared_prefix_tokens", None) if self.reference_model is None else None
         if self.reference is not None:
-            return reference_log_probs(self.reference, input_ids, attention_mask, actions)
+            return reference_log_probs(self.reference, input_ids, attention_mask, actions, min_shared_prefix=shared)
         with adapters_disabled(self.model.policy) as base:
-            return reference_log_probs(base, input_ids, attention_mask, actions)
+            return reference_log_probs(base, input_ids, attention_mask, actions, min_shared_prefix=shared)
 
     def _on_step(self) -> bool:
         return True

@@ -12,11 +12,12 @@ from gymnasium import spaces
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 
+from agents.policy.checkpointing import activation_checkpointing, checkpoint_layers
 from agents.policy.extractor import CausalLMExtractor
 from agents.policy.kv_cache import RolloutKVCache
 from agents.policy.lora import add_lora, lora_config_dict
 from agents.policy.precision import MasterWeights, output_logits
-from agents.policy.prefix_sharing import covering_rows, last_token_features
+from agents.policy.prefix_sharing import MIN_SHARED_PREFIX, covering_rows, last_token_features
 
 UNGROUPED_WARNING = (
     "PPO's minibatch of {rows} transitions needed {groups} transformer forwards, whose episodes hold {expected} "
@@ -88,6 +89,11 @@ class TransformerPolicy(ActorCriticPolicy):
     :param share_prefix_forward: in :meth:`evaluate_actions`, run one forward per group of
         observations that are prefixes of one another (one per episode) instead of one per
         observation; exact, see :mod:`agents.policy.prefix_sharing`.
+    :param min_shared_prefix: with ``share_prefix_forward`` and ``kv_cache``, when all of a
+        minibatch's episodes begin with at least this many of the same tokens (a system turn, a
+        game's rules, an RLOO/GRPO group's prompt), run them once and let each episode attend to
+        their keys and values (:func:`agents.policy.prefix_sharing.prefix_then_rest_hidden`); the
+        KL penalty's reference pass does the same. Exact. ``None``: never.
     :param kv_cache: during rollouts (``forward`` without grad, eval mode: SB3's
         ``collect_rollouts``), decode incrementally with a per-env KV cache
         (:class:`agents.policy.kv_cache.RolloutKVCache`): one new token per env and step instead of the
@@ -96,6 +102,13 @@ class TransformerPolicy(ActorCriticPolicy):
         at the start of every rollout and update) and whenever a weight changed. Checked at
         construction: a model whose KV cache is not a ``DynamicCache`` of full-attention layers
         raises ``RuntimeError`` (pass ``kv_cache=False`` for it).
+    :param gradient_checkpointing: in :meth:`evaluate_actions` with grad (PPO's and A2C's update),
+        keep only each decoder layer's input for the backward pass and recompute the rest there
+        (:mod:`agents.policy.checkpointing`), with the LM still in eval mode (dropout off): the
+        update's activation memory shrinks to about one layer's, for one more forward of each layer
+        per backward. Exact. For long windows (multi-turn games, chat templates) whose update
+        memory, not time, is the limit. Checked at construction: an LM with no layer transformers
+        can checkpoint raises ``ValueError``.
     :param lora_config: train LoRA adapters (Hu et al. 2021) instead of the whole LM: a
         ``peft.LoraConfig`` or a dict of its keyword arguments, e.g. ``dict(r=16, lora_alpha=32,
         target_modules=["q_proj", "v_proj"])``. peft injects the adapters into ``self.lm`` in place
@@ -136,8 +149,10 @@ class TransformerPolicy(ActorCriticPolicy):
         value_learning_rate: float | None = None,
         critic: bool = True,
         share_prefix_forward: bool = True,
+        min_shared_prefix: int | None = MIN_SHARED_PREFIX,
         lora_config: Any = None,
         kv_cache: bool = True,
+        gradient_checkpointing: bool = False,
         forbid_special_tokens: bool = False,
         forbidden_token_ids: list[int] | None = None,
         dtype: th.dtype | str | None = None,
@@ -164,8 +179,12 @@ class TransformerPolicy(ActorCriticPolicy):
         if dtype is not None:
             self.from_pretrained_kwargs["dtype"] = _as_dtype(dtype)
         self.share_prefix_forward = share_prefix_forward
+        if min_shared_prefix is not None and min_shared_prefix < 1:
+            raise ValueError(f"min_shared_prefix must be a positive number of tokens or None (off), got {min_shared_prefix}")
+        self.min_shared_prefix = min_shared_prefix
         self.lora_config = None if lora_config is None else lora_config_dict(lora_config)
         self.kv_cache = kv_cache
+        self.gradient_checkpointing = gradient_checkpointing
         self.forbid_special_tokens = forbid_special_tokens
         self.forbidden_token_ids = None if forbidden_token_ids is None else [int(i) for i in forbidden_token_ids]
         self.value_learning_rate = value_learning_rate
@@ -194,6 +213,8 @@ class TransformerPolicy(ActorCriticPolicy):
         vars(self)["peft_model"] = (None if self.lora_config is None
                                     else add_lora(self.lm, self.lora_config, self.model_name_or_path))
         self.register_buffer("logit_mask", self._logit_mask(), persistent=False)
+        if self.gradient_checkpointing:
+            checkpoint_layers(self.lm)
         self.rollout_cache = RolloutKVCache(self.lm)
         if self.kv_cache:
             self.rollout_cache.check()
@@ -363,8 +384,14 @@ class TransformerPolicy(ActorCriticPolicy):
     def _features(self, obs: PyTorchObs) -> th.Tensor:
         """Last-token features of a batch: one forward per episode with ``share_prefix_forward``."""
         if self.share_prefix_forward:
-            return last_token_features(self.lm, obs["input_ids"], obs["attention_mask"])
+            return last_token_features(self.lm, obs["input_ids"], obs["attention_mask"], self.shared_prefix_tokens)
         return self.extract_features(obs)
+
+    @property
+    def shared_prefix_tokens(self) -> int | None:
+        """The ``min_shared_prefix`` in force: ``None`` unless ``kv_cache`` (whose construction check
+        proved the LM's KV cache usable) is on too."""
+        return self.min_shared_prefix if self.kv_cache else None
 
     def get_distribution(self, obs: PyTorchObs):
         """The action distribution for a batch (SB3's ``get_distribution``; ``predict`` and
@@ -403,12 +430,16 @@ class TransformerPolicy(ActorCriticPolicy):
         :param actions: ``(B,)`` token ids (any dtype holding integers).
         :return: ``values`` float32 ``(B, 1)``, ``log_prob`` float32 ``(B,)``, ``entropy`` float32 ``(B,)``.
         """
+        checkpointing = (activation_checkpointing(checkpoint_layers(self.lm)) if self.gradient_checkpointing
+                         else contextlib.nullcontext())
         if not self.share_prefix_forward:
-            return super().evaluate_actions(obs, actions)
+            with checkpointing:
+                return super().evaluate_actions(obs, actions)
         if not self._grouping_checked:
             self._grouping_checked = True
             self._warn_if_ungrouped(obs["input_ids"], obs["attention_mask"])
-        features = self._features(obs)
+        with checkpointing:
+            features = self._features(obs)
         latent_pi, latent_vf = self.mlp_extractor(features)
         distribution = self._get_action_dist_from_latent(latent_pi)
         return self.value_net(latent_vf), distribution.log_prob(actions), distribution.entropy()
@@ -438,8 +469,10 @@ class TransformerPolicy(ActorCriticPolicy):
         data.update(model_name_or_path=self.model_name_or_path,
                     from_pretrained_kwargs=self.from_pretrained_kwargs,
                     share_prefix_forward=self.share_prefix_forward,
+                    min_shared_prefix=self.min_shared_prefix,
                     lora_config=self.lora_config,
                     kv_cache=self.kv_cache,
+                    gradient_checkpointing=self.gradient_checkpointing,
                     forbid_special_tokens=self.forbid_special_tokens,
                     forbidden_token_ids=self.forbidden_token_ids,
                     value_learning_rate=self.value_learning_rate,
