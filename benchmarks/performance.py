@@ -17,8 +17,12 @@ Every case runs in a fresh subprocess, so its peak RSS is its own. Tables:
 3. **PPO iteration of the examples' jobs** (``examples/train_sentiment.py``'s settings: SmolLM2-135M,
    sentiment reward model, movie-review prompts, 8 envs, 16 new tokens, ``text_ppo_kwargs()``,
    KL penalty; and ``examples/train_reasoning.py``'s: the same in chat mode on reasoning-gym
-   chain_sum with its verifier): seconds per iteration split into rollout (policy + env), reward
-   model, reference model and update.
+   chain_sum with its verifier; and ``examples/train_textarena.py``'s multi-turn GuessTheNumber):
+   seconds per iteration split into rollout (policy + env), reward model, reference model, update
+   and other (``learn``'s own bookkeeping), generated tokens/s and peak RSS, for each variant of
+   :data:`ITERATION_VARIANTS` (the code path before the shared prefix, today's defaults, activation
+   checkpointing) in its own process, one after the other, so their ratios come from one run.
+   ``--jobs reasoning TextArena`` picks jobs.
 4. **Torch threads**: the first rollout and update case of SmolLM2 with 1 and 2 threads.
 5. **Multi-turn rollout** (``--tables dialogue``): agent tokens/s of ``collect_rollouts`` on
    :class:`textgym.dialogue.DialogueEnv` episodes of ``--turns`` replies of ``T`` tokens each
@@ -243,11 +247,14 @@ def case_iteration(n_envs: int, iterations: int, env_id: str = "TextGen-v0",
     ppo.learn(per_iteration, callback=kl)  # warm-up iteration (and the reference model's loading)
     for key in clock:
         clock[key] = 0.0
+    start = time.perf_counter()
     ppo.learn(iterations * per_iteration, callback=kl, reset_num_timesteps=False)
     seconds = {key: value / iterations for key, value in clock.items()}
-    # collect_rollouts includes the reward model (env.step) and the KL callback (rollout end).
+    seconds["total"] = (time.perf_counter() - start) / iterations
+    # collect_rollouts includes the reward model (env.step) and the KL callback (rollout end);
+    # "other" is learn()'s own time outside both (logging, callbacks, SB3's bookkeeping).
     seconds["rollout"] = seconds.pop("collect") - seconds["reward model"] - seconds["reference model"]
-    seconds["total"] = sum(seconds.values())
+    seconds["other"] = seconds["total"] - sum(seconds[k] for k in ("rollout", "reward model", "reference model", "update"))
     seconds["transitions"] = per_iteration
     return seconds
 
@@ -398,18 +405,31 @@ def update_table(args: argparse.Namespace, results: dict) -> None:
               f"{r['speedup']:.1f}x | {t / 2:.0f} | {r['peak_rss_mib']:.0f} |", flush=True)
 
 
+ITERATION_VARIANTS = {"no shared prefix (before 2026-12-06)": {"min_shared_prefix": None}, "defaults": {},
+                      "activation checkpointing": {"gradient_checkpointing": True}}
+"""Rows of the iteration table per job: label -> ``policy_kwargs`` on top of the defaults; the first is
+the baseline of the "time vs first row" column."""
+
+
 def iteration_table(args: argparse.Namespace) -> None:
     jobs = {"sentiment (train_sentiment.py)": ("TextGen-v0", SENTIMENT_JOB),
             "reasoning, chat (train_reasoning.py)": ("TextGen-Reasoning-v0", REASONING_JOB),
             "TextArena GuessTheNumber, multi-turn (train_textarena.py)": ("TextArena-v0", TEXTARENA_JOB)}
     print(f"\nPPO iteration of the examples' jobs (SmolLM2-135M, {args.n_envs} envs x 32 steps, 16 new tokens, "
-          f"KL penalty): seconds per iteration, mean of {args.iterations}\n")
-    print("| job | rollout (policy + env) | reward model (or game) | reference model | update | total | peak RSS (MiB) |")
-    print("|---|---|---|---|---|---|---|")
+          f"KL penalty): seconds per iteration, mean of {args.iterations}; every step generates one token\n")
+    print("| job | variant | rollout (policy + env) | reward model (or game) | reference model | update | other | total "
+          "| generated tokens/s | time vs first row | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (env_id, env_kwargs) in jobs.items():
-        r = run_case(args, ["iteration", args.n_envs, args.iterations, env_id, env_kwargs])
-        print(f"| {name} | {r['rollout']:.2f} | {r['reward model']:.2f} | {r['reference model']:.2f} | "
-              f"{r['update']:.2f} | {r['total']:.2f} | {r['peak_rss_mib']:.0f} |", flush=True)
+        if args.jobs and not any(j in name for j in args.jobs):
+            continue
+        baseline = None
+        for variant, policy_kwargs in ITERATION_VARIANTS.items():
+            r = run_case(args, ["iteration", args.n_envs, args.iterations, env_id, env_kwargs, policy_kwargs])
+            baseline = baseline or r["total"]
+            print(f"| {name} | {variant} | {r['rollout']:.2f} | {r['reward model']:.2f} | {r['reference model']:.2f} | "
+                  f"{r['update']:.2f} | {r['other']:.2f} | {r['total']:.2f} | {r['transitions'] / r['total']:.1f} | "
+                  f"{r['total'] / baseline:.2f} | {r['peak_rss_mib']:.0f} |", flush=True)
 
 
 def threads_table(args: argparse.Namespace, results: dict) -> None:
@@ -463,6 +483,8 @@ def main() -> None:
                         help="which tables; 'threads' re-runs the last model's first rollout and update case with 1 and 2 threads")
     parser.add_argument("--turns", type=int, default=4, help="replies per multi-turn episode (dialogue table)")
     parser.add_argument("--reward-envs", type=int, nargs="+", default=[8, 32], help="env counts of the rewards table")
+    parser.add_argument("--jobs", nargs="+", help="iteration table: only the jobs whose name contains one of these "
+                        "(sentiment, reasoning, TextArena)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:

@@ -52,6 +52,28 @@ def segment_lengths(buffer) -> list[int]:
     return [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
+def assert_grouped_equals_per_transition(policy, batch) -> dict:
+    """``evaluate_actions`` on ``batch`` with ``share_prefix_forward`` on and off gives the same values,
+    log-probs and entropies, and the same gradients of their sum; returns ``{grouped: (values, log_prob,
+    entropy, grads)}``."""
+    actions = batch.actions.long().flatten()
+    results = {}
+    try:
+        for grouped in (True, False):
+            policy.share_prefix_forward = grouped
+            policy.zero_grad()
+            values, log_prob, entropy = policy.evaluate_actions(batch.observations, actions)
+            (values.sum() + log_prob.sum() + entropy.sum()).backward()
+            results[grouped] = (values, log_prob, entropy, [p.grad.clone() for p in policy.parameters()])
+    finally:
+        policy.share_prefix_forward = True
+    for got, expected in zip(results[True][:3], results[False][:3]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    for got, expected in zip(results[True][3], results[False][3]):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    return results
+
+
 def test_grouped_values_log_probs_entropy_and_gradients_equal_per_transition(tiny_env_kwargs, monkeypatch):
     model = collect({**tiny_env_kwargs, "max_new_tokens": 5}, monkeypatch=monkeypatch)
     policy = model.policy
@@ -60,19 +82,7 @@ def test_grouped_values_log_probs_entropy_and_gradients_equal_per_transition(tin
     # segments in an env's 10 rows, 12 of the 30) over rows of different lengths.
     lengths = segment_lengths(model.rollout_buffer)
     assert len(lengths) <= 12 and len(set(lengths)) > 1, lengths
-    actions = batch.actions.long().flatten()
-    results = {}
-    for grouped in (True, False):
-        policy.share_prefix_forward = grouped
-        policy.zero_grad()
-        values, log_prob, entropy = policy.evaluate_actions(batch.observations, actions)
-        (values.sum() + log_prob.sum() + entropy.sum()).backward()
-        grads = [p.grad.clone() for p in policy.parameters()]
-        results[grouped] = (values, log_prob, entropy, grads)
-    for got, expected in zip(results[True][:3], results[False][:3]):
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    for got, expected in zip(results[True][3], results[False][3]):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    results = assert_grouped_equals_per_transition(policy, batch)
     # Sanity: the log-probs are those the rollout stored (the update changed the weights a little).
     torch.testing.assert_close(results[False][1], batch.old_log_prob, rtol=0, atol=0.1)
 
@@ -194,25 +204,13 @@ def test_update_runs_the_prompt_every_episode_shares_once(tiny_env_kwargs, monke
     model = collect({**tiny_env_kwargs, "prompts": ["the film was very"], "max_new_tokens": 5}, monkeypatch=monkeypatch)
     policy = model.policy
     batch = next(model.rollout_buffer.get(batch_size=None))
-    actions = batch.actions.long().flatten()
     policy.min_shared_prefix = 4  # the tiny prompt: 4 tokens
     shared_calls = []
     original = prefix_sharing.prefix_then_rest_hidden
     monkeypatch.setattr(prefix_sharing, "prefix_then_rest_hidden",
                         lambda lm, ids, mask, prefix: shared_calls.append((len(ids), prefix)) or original(lm, ids, mask, prefix))
-    results = {}
-    for grouped in (True, False):
-        policy.share_prefix_forward = grouped
-        policy.zero_grad()
-        values, log_prob, entropy = policy.evaluate_actions(batch.observations, actions)
-        (values.sum() + log_prob.sum() + entropy.sum()).backward()
-        results[grouped] = (values, log_prob, entropy, [p.grad.clone() for p in policy.parameters()])
-    policy.share_prefix_forward = True
+    assert_grouped_equals_per_transition(policy, batch)
     # The premise: one call for the minibatch's episodes (several, of different lengths), sharing the 4 prompt tokens.
     episodes = len(torch.unique(covering_rows(batch.observations["input_ids"].long(),
                                               batch.observations["attention_mask"].long())))
     assert shared_calls == [(episodes, 4)] and episodes > 2
-    for got, expected in zip(results[True][:3], results[False][:3]):
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    for got, expected in zip(results[True][3], results[False][3]):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
