@@ -22,6 +22,7 @@ from transformers import DynamicCache
 from agents.policy.extractor import last_token_index, lm_hidden_states
 from agents.policy.kv_cache import cache_argument
 
+
 class FixedPastCache(DynamicCache):
     """A ``DynamicCache`` holding a fixed past: each layer attends to the past's keys and values plus
     its new ones, but nothing is stored (``update`` returns the concatenation and keeps the past).
@@ -114,7 +115,8 @@ def prefix_then_rest_hidden(lm, input_ids: th.Tensor, attention_mask: th.Tensor,
     width = int((length - prefix).max())
     if width == 0:
         return prefix_hidden
-    # expand, not copy: each row reads the same keys and values, and autograd sums their gradients.
+    # Every row reads the prefix's keys and values through an expand, so autograd sums the rows'
+    # gradients into the one prefix forward, as the per-row forwards would have summed theirs.
     past = [(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
             for layer in out[argument].layers]
     offsets = th.arange(width, device=device)[None]
