@@ -36,6 +36,23 @@ TEST_SEED = _test_seed()
 its own offsets. ``benchmarks/seed_sweep.py`` runs those tests over many values of it: a learning
 test must pass for any of them."""
 
+
+RETRY_OFFSETS = (0, 1_000, 2_000)
+"""Seed offsets of the independently seeded runs a learning test may make when one run learns on
+fewer than ~15 of 16 seeds (:func:`seeded_runs`)."""
+
+
+def seeded_runs(run, passed) -> list:
+    """``run(TEST_SEED + offset)`` for each of :data:`RETRY_OFFSETS`, stopping after the first result for
+    which ``passed(result)`` holds; returns every result, in order (the first is the one a seed sweep
+    records, the last the one the test asserts on)."""
+    results = []
+    for offset in RETRY_OFFSETS:
+        results.append(run(TEST_SEED + offset))
+        if passed(results[-1]):
+            break
+    return results
+
 PROMPTS = ["the movie was", "a film is", "one two", "the film was very"]
 KEYWORD = "good"
 MAX_NEW_TOKENS = 4

@@ -14,7 +14,7 @@ from agents import TransformerPolicy, evaluate_against_reference, text_ppo_kwarg
 from agents.algorithms.kl import reference_log_probs
 from agents.policy import kv_cache as kv_cache_module
 from agents.policy.kv_cache import appended_tokens
-from tests.conftest import TEST_SEED
+from tests.conftest import seeded_runs
 from textgym.chat import render_chat
 from textgym.dialogue import DialogueEnv, DialogueGame
 from textgym.rendering import text_frame
@@ -255,11 +255,7 @@ def test_ppo_learns_to_read_the_games_answer(chat_lm, record_property):
     seeds: the others settled on one word (win rate ~0.5) before reading the answer; a lower
     learning rate with a larger entropy bonus keeps both words in play.
     """
-    results = []
-    for offset in (0, 1_000, 2_000):
-        results.append(train_on_recall(chat_lm, TEST_SEED + offset))
-        if results[-1][1] > 0.65:
-            break
+    results = seeded_runs(lambda seed: train_on_recall(chat_lm, seed), lambda result: result[1] > 0.65)
     record_property("figure", results[0][1])
     record_property("runs", len(results))
     assert all(before < 0.2 for before, _ in results), results  # the untrained policy does not read it

@@ -9,7 +9,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 
 from agents import TransformerPolicy, text_ppo_kwargs
-from tests.conftest import TEST_SEED
+from tests.conftest import seeded_runs
 
 CHANCE_CEILING = 0.3
 """An untrained policy says "good" about once in 19 tokens and often stops early: mean reward ~0.05."""
@@ -36,11 +36,7 @@ def test_ppo_learns_to_say_the_keyword(tiny_env_kwargs, record_property):
     failures 0.31-0.65, seeds 786, 805 and 815), so up to three independently seeded runs are made
     and one must pass: failure odds about (3/56)**3 = 1.5e-4 per CI run, at one run's cost 19 times
     in 20. The figure is the first run's."""
-    runs = []
-    for offset in (0, 1_000, 2_000):
-        runs.append(train_and_evaluate(tiny_env_kwargs, TEST_SEED + offset))
-        if runs[-1][1] >= THRESHOLD:
-            break
+    runs = seeded_runs(lambda seed: train_and_evaluate(tiny_env_kwargs, seed), lambda run: run[1] >= THRESHOLD)
     record_property("figure", runs[0][1])
     record_property("runs", len(runs))
     before, after, model = runs[-1]

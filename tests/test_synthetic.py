@@ -13,7 +13,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 
 from agents import TransformerPolicy, text_ppo_kwargs
-from tests.conftest import TEST_SEED
+from tests.conftest import seeded_runs
 from textgym.env import TextGenEnv
 from textgym.tasks.synthetic import (
     NUMBER_WORDS,
@@ -164,11 +164,7 @@ def test_ppo_learns_the_task(name, record_property):
     CI run for increasing, at one run's cost 15 times in 16. The figure is the first run's."""
     task = TASKS[name]
     threshold = task.chance + MIN_GAP_CLOSED * (task.optimum - task.chance)
-    scores = []
-    for offset in (0, 1_000, 2_000):
-        scores.append(train_and_evaluate(name, TEST_SEED + offset))
-        if scores[-1] >= threshold:
-            break
+    scores = seeded_runs(lambda seed: train_and_evaluate(name, seed), lambda score: score >= threshold)
     record_property("figure", scores[0])
     record_property("runs", len(scores))
     assert scores[-1] >= threshold, f"{name}: mean rewards {scores} < {threshold:.3f} (chance {task.chance})"
