@@ -114,18 +114,10 @@ def timed_rollouts(ppo, n_rollouts: int) -> list[float]:
 
 
 def generate_seconds(lm, env, max_new_tokens: int, repeats: int) -> list[float]:
-    """Seconds of ``lm.generate`` on the env's next prompts: same batch, length and sampling as a rollout."""
-    from transformers import GenerationConfig
-
-    tokenizer = env.envs[0].unwrapped.tokenizer
-    # The env's own prompt encoding (chat template included), left-padded as batched generate expects.
-    ids = [e.unwrapped.encode_prompts([e.unwrapped.prompts[i % len(e.unwrapped.prompts)]])[0]
-           for i, e in enumerate(env.envs)]
-    tokenizer.padding_side = "left"
-    batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
-    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                              min_new_tokens=max_new_tokens, use_cache=True,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    """Seconds of ``lm.generate`` on the env's next prompts: same batch, length and sampling as a
+    rollout of fixed-length episodes (``min_new_tokens`` holds the stop token back: every reply
+    runs the full ``max_new_tokens``)."""
+    batch, config = generate_inputs(env, max_new_tokens, stop_at_eos=False)
     seconds = []
     with torch.no_grad():
         for _ in range(repeats):
@@ -134,6 +126,45 @@ def generate_seconds(lm, env, max_new_tokens: int, repeats: int) -> list[float]:
             seconds.append(time.perf_counter() - start)
     assert out.shape[1] == batch["input_ids"].shape[1] + max_new_tokens
     return seconds
+
+
+def generate_until_stop_rate(lm, env, max_new_tokens: int, repeats: int) -> tuple[float, float]:
+    """``lm.generate`` as an episode ends: each reply stops at the env's stop tokens, the batch runs
+    until its longest reply has ended. Returns ``(tokens/s, mean reply length)`` over ``repeats``
+    calls after a warm-up, counting each reply's tokens up to and including its stop token (what an
+    episode samples), not the padding after it."""
+    batch, config = generate_inputs(env, max_new_tokens, stop_at_eos=True)
+    stops = torch.tensor(config.eos_token_id)
+    seconds, kept = 0.0, 0
+    with torch.no_grad():
+        for repeat in range(repeats + 1):
+            start = time.perf_counter()
+            out = lm.generate(**batch, generation_config=config)
+            elapsed = time.perf_counter() - start
+            replies = out[:, batch["input_ids"].shape[1]:]
+            stopped = torch.isin(replies, stops)
+            first_stop = torch.where(stopped.any(1), stopped.int().argmax(1) + 1, replies.shape[1])
+            if repeat:  # the first call warms up
+                seconds, kept = seconds + elapsed, kept + int(first_stop.sum())
+    return kept / seconds, kept / (repeats * len(replies))
+
+
+def generate_inputs(env, max_new_tokens: int, stop_at_eos: bool) -> tuple[dict, object]:
+    """The env's next prompts, left-padded as batched ``generate`` expects, and the sampling config."""
+    from transformers import GenerationConfig
+
+    unwrapped = env.envs[0].unwrapped
+    tokenizer = unwrapped.tokenizer
+    # The env's own prompt encoding (chat template included).
+    ids = [e.unwrapped.encode_prompts([e.unwrapped.prompts[i % len(e.unwrapped.prompts)]])[0]
+           for i, e in enumerate(env.envs)]
+    tokenizer.padding_side = "left"
+    batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+    stops = sorted(unwrapped.stop_token_ids) if stop_at_eos else tokenizer.eos_token_id
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                              min_new_tokens=None if stop_at_eos else max_new_tokens, use_cache=True,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
+    return batch, config
 
 
 def case_rollout(model: str, n_envs: int, max_new_tokens: int) -> dict:
