@@ -56,10 +56,10 @@ def run(demo: str, seed: int, out: Path, extra: list[str], force: bool) -> dict:
     return json.loads(path.read_text())
 
 
-def mean_std(values: np.ndarray, sign: str = "") -> str:
+def mean_std(values: np.ndarray, sign: str = "", digits: int = 3) -> str:
     """``"mean ± std"`` over seeds (sample standard deviation; 0 for one seed)."""
     std = values.std(ddof=1) if len(values) > 1 else 0.0
-    return f"{values.mean():{sign}.3f} ± {std:.3f}"
+    return f"{values.mean():{sign}.{digits}f} ± {std:.{digits}f}"
 
 
 def table(runs: list[dict]) -> str:
@@ -79,6 +79,34 @@ def table(runs: list[dict]) -> str:
                      f"| {np.hypot(before[:, 1], after[:, 1]).mean():.3f} | {mean_std(kl)} "
                      f"| {np.mean([r['train_seconds'] for r in group]):.0f} "
                      f"| {np.mean([r['wall_seconds'] for r in group]):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def variants_table(demo: str, variants: list[tuple[str, list[dict]]], components: tuple[str, ...] = ()) -> str:
+    """Markdown table comparing settings of one demo, one row per ``(label, runs)`` in ``variants``.
+
+    Per setting: the seeds, the headline figure's reference and trained means and its gain (mean ±
+    std across seeds), the trained policy's ``components`` (mean across seeds), its KL to the
+    reference and the KL coefficient beta after the last rollout (mean ± std across seeds), and
+    the training seconds. Seeds a setting shares with another are the same training prompts and
+    held-out episodes, so their gains pair up.
+    """
+    lines = ["| setting | seeds | reference | trained | gain: mean ± std over seeds | "
+             + "".join(f"trained {name} | " for name in components)
+             + "KL to reference (nats/episode) | beta after the last rollout | train s |",
+             "|---|---|---|---|---|" + "---|" * len(components) + "---|---|---|"]
+    for label, group in variants:
+        if not group:
+            continue
+        group = sorted(group, key=lambda r: r["seed"])
+        before, after = (np.array([headline(demo, r[name])[0] for r in group]) for name in ("reference", "trained"))
+        parts = "".join(f"{np.mean([r['trained']['components'][name][0] for r in group]):.3f} | "
+                        for name in components)
+        kl = np.array([r["trained"]["kl_mean"] for r in group])
+        beta = np.array([r["last_rollout"]["kl/coef"] for r in group])
+        lines.append(f"| {label} | {', '.join(str(r['seed']) for r in group)} | {before.mean():+.3f} "
+                     f"| {after.mean():+.3f} | **{mean_std(after - before, '+')}** | {parts}{mean_std(kl)} "
+                     f"| {mean_std(beta, digits=4)} | {np.mean([r['train_seconds'] for r in group]):.0f} |")
     return "\n".join(lines) + "\n"
 
 

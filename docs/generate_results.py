@@ -19,6 +19,8 @@ generated file                  from                                       made 
                                 and ``critic_*/``                          ``summary_rows``)
 ``distributed.md``              ``benchmarks/results/distributed.json``    ``benchmarks/distributed.py``'s ``tables``
 ``demos.md``                    ``benchmarks/results/demos/``              ``benchmarks/demo_seeds.py``'s ``table``
+``textarena_kl.md``             the textarena runs of ``demos/`` and       ``benchmarks/demo_seeds.py``'s
+                                ``demos_textarena_horizon*/``              ``variants_table``
 =============================== ========================================== =====================================
 
 The plots (``--figures``) are ``benchmarks/compare_algorithms.py``'s ``plot`` of the same JSON
@@ -119,8 +121,27 @@ def demos() -> str:
     return header("benchmarks/results/demos/*_seed*.json") + demo_seeds.table(demo_seeds.load(RESULTS / "demos"))
 
 
+KL_HORIZONS = (
+    # (results folder, row label)
+    ("demos", "horizon 64 episodes (the default, `KL_HORIZON`)"),
+    ("demos_textarena_horizon600", "horizon 600 episodes (`--kl-horizon 600`: the old controller's pace)"),
+    ("demos_textarena_horizon4", "horizon 4 episodes (`--kl-horizon 4`)"),
+)
+"""The TextArena demo's KL-controller settings, in table order."""
+
+
+def textarena_kl() -> str:
+    """The TextArena demo under each KL-controller horizon of :data:`KL_HORIZONS`, over the same seeds."""
+    demo_seeds = benchmark("demo_seeds")
+    variants = [(label, [r for r in demo_seeds.load(RESULTS / folder) if r["demo"] == "textarena"])
+                for folder, label in KL_HORIZONS]
+    sources = ", ".join(f"benchmarks/results/{folder}/textarena_seed*.json" for folder, _ in KL_HORIZONS)
+    return header(sources) + demo_seeds.variants_table("textarena", variants, components=("win", "invalid_move"))
+
+
 GENERATED = {"seed_sweep.md": seed_sweep, "compare_algorithms.md": compare_algorithms, "critic.md": critic_table,
-             "distributed.md": distributed, "demos.md": demos}
+             "distributed.md": distributed, "demos.md": demos,
+             "textarena_kl.md": textarena_kl}
 """File name under ``docs/_generated/`` -> the function that writes its text."""
 
 
