@@ -12,7 +12,7 @@ valid move (nothing to reinforce). After training, :func:`agents.evaluate_agains
 plays the pretrained reference and the trained policy on the same unseen game seeds and prints
 reward, win rate, invalid-move rate, turns, KL and length::
 
-    python examples/train_textarena.py                          # ~20 min on a 2-core CPU
+    python examples/train_textarena.py                          # ~40 min on a 2-core CPU
     python examples/train_textarena.py --game Bandit-v0 --timesteps 4096
     torchrun --standalone --nproc-per-node 2 examples/train_textarena.py   # data-parallel, 2 ranks (agents.data_parallel)
     tensorboard --logdir runs/
