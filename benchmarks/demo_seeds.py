@@ -62,6 +62,13 @@ def mean_std(values: np.ndarray, sign: str = "", digits: int = 3) -> str:
     return f"{values.mean():{sign}.{digits}f} ± {std:.{digits}f}"
 
 
+def figures(demo: str, group: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per run of ``group``: the reference's and the trained policy's headline ``(mean, s.e.)``,
+    each ``(n_runs, 2)``, and the trained policy's KL to the reference ``(n_runs,)``."""
+    before, after = (np.array([headline(demo, r[name]) for r in group]) for name in ("reference", "trained"))
+    return before, after, np.array([r["trained"]["kl_mean"] for r in group])
+
+
 def table(runs: list[dict]) -> str:
     """Markdown table, one row per demo in ``runs`` (the summaries ``write_summary`` wrote)."""
     lines = ["| demo | figure | seeds | reference | trained | gain: mean ± std over seeds | s.e. of one run "
@@ -71,8 +78,7 @@ def table(runs: list[dict]) -> str:
         group = sorted((r for r in runs if r["demo"] == demo), key=lambda r: r["seed"])
         if not group:
             continue
-        before, after = (np.array([headline(demo, r[name]) for r in group]) for name in ("reference", "trained"))
-        kl = np.array([r["trained"]["kl_mean"] for r in group])
+        before, after, kl = figures(demo, group)
         lines.append(f"| {demo} | {HEADLINE[demo][1]} | {', '.join(str(r['seed']) for r in group)} "
                      f"| {before[:, 0].mean():+.3f} | {after[:, 0].mean():+.3f} "
                      f"| **{mean_std(after[:, 0] - before[:, 0], '+')}** "
@@ -99,10 +105,10 @@ def variants_table(demo: str, variants: list[tuple[str, list[dict]]], components
         if not group:
             continue
         group = sorted(group, key=lambda r: r["seed"])
-        before, after = (np.array([headline(demo, r[name])[0] for r in group]) for name in ("reference", "trained"))
+        before, after, kl = figures(demo, group)
+        before, after = before[:, 0], after[:, 0]
         parts = "".join(f"{np.mean([r['trained']['components'][name][0] for r in group]):.3f} | "
                         for name in components)
-        kl = np.array([r["trained"]["kl_mean"] for r in group])
         beta = np.array([r["last_rollout"]["kl/coef"] for r in group])
         lines.append(f"| {label} | {', '.join(str(r['seed']) for r in group)} | {before.mean():+.3f} "
                      f"| {after.mean():+.3f} | **{mean_std(after - before, '+')}** | {parts}{mean_std(kl)} "

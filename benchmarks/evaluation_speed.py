@@ -76,5 +76,6 @@ def main() -> None:
     print(f"\nKV cache in waves / generate: {waves / until_stop:.2f} against replies that end at their stop token "
           f"(as the episodes do), {waves / rate:.2f} against {REASONING_JOB['max_new_tokens']}-token replies")
 
+
 if __name__ == "__main__":
     main()

@@ -118,14 +118,9 @@ def generate_seconds(lm, env, max_new_tokens: int, repeats: int) -> list[float]:
     rollout of fixed-length episodes (``min_new_tokens`` holds the stop token back: every reply
     runs the full ``max_new_tokens``)."""
     batch, config = generate_inputs(env, max_new_tokens, stop_at_eos=False)
-    seconds = []
-    with torch.no_grad():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            out = lm.generate(**batch, generation_config=config)
-            seconds.append(time.perf_counter() - start)
-    assert out.shape[1] == batch["input_ids"].shape[1] + max_new_tokens
-    return seconds
+    calls = timed_generate(lm, batch, config, repeats)
+    assert calls[-1][1].shape[1] == batch["input_ids"].shape[1] + max_new_tokens
+    return [seconds for seconds, _ in calls]
 
 
 def generate_until_stop_rate(lm, env, max_new_tokens: int, repeats: int) -> tuple[float, float]:
@@ -136,17 +131,23 @@ def generate_until_stop_rate(lm, env, max_new_tokens: int, repeats: int) -> tupl
     batch, config = generate_inputs(env, max_new_tokens, stop_at_eos=True)
     stops = torch.tensor(config.eos_token_id)
     seconds, kept = 0.0, 0
+    for elapsed, out in timed_generate(lm, batch, config, repeats + 1)[1:]:  # the first call warms up
+        replies = out[:, batch["input_ids"].shape[1]:]
+        stopped = torch.isin(replies, stops)
+        first_stop = torch.where(stopped.any(1), stopped.int().argmax(1) + 1, replies.shape[1])
+        seconds, kept = seconds + elapsed, kept + int(first_stop.sum())
+    return kept / seconds, kept / (repeats * len(replies))
+
+
+def timed_generate(lm, batch: dict, config, repeats: int) -> list[tuple[float, torch.Tensor]]:
+    """``repeats`` calls of ``lm.generate(**batch)`` without grad: ``(seconds, output ids)`` of each."""
+    calls = []
     with torch.no_grad():
-        for repeat in range(repeats + 1):
+        for _ in range(repeats):
             start = time.perf_counter()
             out = lm.generate(**batch, generation_config=config)
-            elapsed = time.perf_counter() - start
-            replies = out[:, batch["input_ids"].shape[1]:]
-            stopped = torch.isin(replies, stops)
-            first_stop = torch.where(stopped.any(1), stopped.int().argmax(1) + 1, replies.shape[1])
-            if repeat:  # the first call warms up
-                seconds, kept = seconds + elapsed, kept + int(first_stop.sum())
-    return kept / seconds, kept / (repeats * len(replies))
+            calls.append((time.perf_counter() - start, out))
+    return calls
 
 
 def generate_inputs(env, max_new_tokens: int, stop_at_eos: bool) -> tuple[dict, object]:
