@@ -15,6 +15,11 @@ Variants (``--variants``):
   backward pass), 5 conjugate-gradient steps and 4 critic epochs: each Hessian-vector product
   differentiates the KL twice through the LM.
 
+The PPO-family variants (``ppo``, ``rloo``, ``grpo``, ``nlpo``) take the update's settings
+``--n-epochs``, ``--batch-size`` and ``--dtype``; ``--train-seconds`` trains for a wall-time
+budget (whole rollouts, stopping at the first past it) instead of ``--timesteps``, and
+``--label`` names such a run (``benchmarks/update_settings.py`` compares settings that way).
+
 Each (variant, seed) runs in a fresh subprocess, so peak RSS (``ru_maxrss``, taken when training
 ends, before the final evaluation) is its own. Training runs in ``--curve-points`` chunks of
 ``model.learn(..., reset_num_timesteps=False)``; only those calls are timed (split into rollout,
@@ -43,6 +48,8 @@ import time
 from pathlib import Path
 
 VARIANTS = ("ppo", "rloo", "grpo", "nlpo", "a2c", "trpo")
+PPO_FAMILY = ("ppo", "rloo", "grpo", "nlpo")
+"""The variants that run PPO's update, to which ``--n-epochs``, ``--batch-size`` and ``--dtype`` apply."""
 GROUP_SIZE = 4
 
 
@@ -58,6 +65,8 @@ def build_model(variant: str, args: argparse.Namespace, seed: int):
 
     env = make_vec_env("TextGen-v0", n_envs=args.n_envs, seed=seed, env_kwargs=dict(max_new_tokens=args.max_new_tokens))
     common = dict(learning_rate=args.learning_rate, n_steps=args.n_steps)
+    if variant in PPO_FAMILY:
+        common.update(update_settings(args))
     if variant == "ppo":
         return ppo_with_critic_options(env, args, seed, common)
     if variant == "nlpo":
@@ -74,6 +83,15 @@ def build_model(variant: str, args: argparse.Namespace, seed: int):
         return TransformerTRPO(TransformerPolicy, env, seed=seed, batch_size=128, target_kl=0.05, cg_max_steps=5,
                                n_critic_updates=4, **common, **text)
     raise ValueError(f"unknown variant {variant!r}: use one of {VARIANTS}")
+
+
+def update_settings(args: argparse.Namespace) -> dict:
+    """The PPO family's update options that were set (``--n-epochs``, ``--batch-size``, ``--dtype``),
+    as overrides of :func:`agents.text_ppo_kwargs`; the unset ones keep its defaults."""
+    settings = {k: getattr(args, k) for k in ("n_epochs", "batch_size") if getattr(args, k) is not None}
+    if args.dtype != "float32":
+        settings["policy_kwargs"] = dict(dtype=args.dtype)
+    return settings
 
 
 def ppo_with_critic_options(env, args: argparse.Namespace, seed: int, common: dict):
@@ -94,8 +112,8 @@ def ppo_with_critic_options(env, args: argparse.Namespace, seed: int, common: di
         # SB3 also calls the schedule while building the policy, before the model exists.
         common = {**common, "learning_rate": lambda _: 0.0 if "model" not in holder
                   or holder["model"].num_timesteps <= warmup_steps else args.learning_rate}
-    holder["model"] = PPO(TransformerPolicy, env, seed=seed, **text_ppo_kwargs(
-        **common, policy_kwargs=dict(value_learning_rate=args.value_learning_rate)))
+    policy_kwargs = {**common.pop("policy_kwargs", {}), "value_learning_rate": args.value_learning_rate}
+    holder["model"] = PPO(TransformerPolicy, env, seed=seed, **text_ppo_kwargs(**common, policy_kwargs=policy_kwargs))
     return holder["model"]
 
 
@@ -152,11 +170,13 @@ def worker(args: argparse.Namespace) -> dict:
 
     curve = [dict(seconds=0.0, **curve_point())]
     train_seconds = 0.0
-    chunk = args.timesteps // args.curve_points
-    for _ in range(args.curve_points):
-        start = time.perf_counter()
-        model.learn(chunk, reset_num_timesteps=False, callback=callbacks, **learn_kwargs)
-        train_seconds += time.perf_counter() - start
+    for point in range(1, args.curve_points + 1):
+        while True:
+            start = time.perf_counter()
+            model.learn(chunk_timesteps(args), reset_num_timesteps=False, callback=callbacks, **learn_kwargs)
+            train_seconds += time.perf_counter() - start
+            if point_reached(args, point, train_seconds):
+                break
         clock._record_explained_variance()
         curve.append(dict(seconds=train_seconds, **curve_point()))
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -166,7 +186,7 @@ def worker(args: argparse.Namespace) -> dict:
                                          kv_cache=True, verbose=False)
     reference, trained = results["reference"], results["trained"]
     return dict(
-        variant=args.variant, seed=seed, timesteps=int(model.num_timesteps),
+        variant=args.label or args.variant, algorithm=args.variant, seed=seed, timesteps=int(model.num_timesteps),
         train_seconds=train_seconds, rollout_seconds=clock.rollout_seconds,
         update_seconds=train_seconds - clock.rollout_seconds, peak_rss_mib=peak_rss,
         reference_reward=reference.reward_mean, reference_sem=reference.reward_sem,
@@ -176,6 +196,19 @@ def worker(args: argparse.Namespace) -> dict:
         last_rollout_kl=kl.stats.get("kl/episode_kl"), curve=curve,
         explained_variance=clock.explained_variance if getattr(model.policy, "critic", True) else [],
     )
+
+
+def chunk_timesteps(args: argparse.Namespace) -> int:
+    """Timesteps per ``model.learn`` call: a curve point's share of ``--timesteps``, or, with
+    ``--train-seconds``, one rollout (so that a run stops at the first rollout past its budget)."""
+    return args.n_envs * args.n_steps if args.train_seconds is not None else args.timesteps // args.curve_points
+
+
+def point_reached(args: argparse.Namespace, point: int, train_seconds: float) -> bool:
+    """Whether training has reached curve point ``point`` of ``args.curve_points``: always after
+    one chunk of ``--timesteps``; with ``--train-seconds``, once that fraction of the budget is spent
+    (the last update may run past it: runs record the seconds they took)."""
+    return args.train_seconds is None or train_seconds >= args.train_seconds * point / args.curve_points
 
 
 def summary_rows(runs: list[dict]) -> list[dict]:
@@ -256,7 +289,7 @@ def run_one(args: argparse.Namespace, variant: str, seed: int, path: Path) -> di
     command = [sys.executable, __file__, "--worker", "--variant", variant, "--seed", str(seed),
                *(f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}"
                  for k, v in vars(args).items()
-                 if k not in ("worker", "variant", "seed", "variants", "seeds", "out") and v is not False)]
+                 if k not in ("worker", "variant", "seed", "variants", "seeds", "out") and v is not False and v is not None)]
     print(f"running {variant} seed {seed} ...", flush=True)
     out = subprocess.run(command, check=True, capture_output=True, text=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -264,7 +297,8 @@ def run_one(args: argparse.Namespace, variant: str, seed: int, path: Path) -> di
     return result
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """This script's command line (``benchmarks/update_settings.py`` builds its runs with it too)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["ppo", "rloo", "grpo", "nlpo", "a2c"], choices=VARIANTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
@@ -279,6 +313,16 @@ def main() -> None:
                         help="ppo variant: updates at the start during which only the value head learns")
     parser.add_argument("--normalize-returns", action="store_true",
                         help="ppo variant: VecNormalize(norm_obs=False, norm_reward=True, gamma=1) on the training envs")
+    parser.add_argument("--n-epochs", type=int, default=None,
+                        help="PPO-family variants: epochs per rollout (text_ppo_kwargs' default 4)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="PPO-family variants: transitions per minibatch (text_ppo_kwargs' default 128)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="PPO-family variants: the LM's (and the KL reference's) precision")
+    parser.add_argument("--train-seconds", type=float, default=None,
+                        help="train for this many seconds (whole rollouts) instead of --timesteps: "
+                             "variants compared at equal wall time")
+    parser.add_argument("--label", default=None, help="the runs' name in the table and their files' (default: the variant)")
     parser.add_argument("--kl-coef", type=float, default=0.05)
     parser.add_argument("--kl-target", type=float, default=4.0)
     parser.add_argument("--curve-points", type=int, default=2, help="evaluations during training (after each chunk)")
@@ -289,14 +333,32 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser``'s arguments, with the errors of combinations that would run something else than asked."""
+    args = parser.parse_args(argv)
+    options = [f"--{k.replace('_', '-')}" for k in ("n_epochs", "batch_size") if getattr(args, k) is not None]
+    options += ["--dtype"] if args.dtype != "float32" else []
+    others = sorted(set(args.variants if not args.worker else [args.variant]) - set(PPO_FAMILY))
+    if args.label and len(args.variants) > 1 and not args.worker:
+        parser.error(f"--label names one variant's runs; got --variants {' '.join(args.variants)}")
+    if options and others:
+        parser.error(f"{', '.join(options)} apply to the PPO-family variants {PPO_FAMILY}, not to {others}: "
+                     "run those variants separately")
+    return args
+
+
+def main() -> None:
+    args = parse_args(build_parser())
     if args.worker:
         print(json.dumps(worker(args)))
         return
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [run_one(args, v, s, out / f"{v}_seed{s}.json") for s in args.seeds for v in args.variants]
+    runs = [run_one(args, v, s, out / f"{args.label or v}_seed{s}.json") for s in args.seeds for v in args.variants]
     print(markdown(summary_rows(runs)))
     plot(runs, out / "reward_vs_wall_time.png")
     print(f"\nplot: {out / 'reward_vs_wall_time.png'}")

@@ -1,0 +1,91 @@
+"""The main job's update settings at equal training wall time: held-out gain per setting. Prints a markdown table.
+
+    python benchmarks/update_settings.py                       # every setting, seeds 0 1 2, 350 s each (~6 h on 2 cores)
+    python benchmarks/update_settings.py --settings ppo-4-epochs ppo-1-epoch --seeds 0 --train-seconds 120
+
+Issue 24 asks which of PPO's update settings reaches the best held-out reward for the time it
+takes: fewer epochs per rollout (SB3's ``n_epochs``) or larger minibatches (``batch_size``) make
+each update cheaper, so more rollouts fit in the same wall time, each learning less. Every
+setting trains the main job (``benchmarks/compare_algorithms.py``'s work: SmolLM2-135M-Instruct,
+movie-review prompts, the default reward model, 8 envs x 32 steps, 16 new tokens, adaptive KL
+penalty) for the same ``--train-seconds``, rollout by rollout, and stops at the first rollout
+past the budget. The default budget, 350 s, is what today's default takes for its 6,144 tokens
+on 2 cores. Each run also evaluates at half the budget (``--curve-episodes`` held-out episodes),
+so the table answers "which setting reaches the default's gain in half its time" as well.
+
+Each (setting, seed) is one ``compare_algorithms.py`` run in a fresh subprocess; results go to
+``--out`` as ``<setting>_seed<K>.json`` and a run whose JSON exists is not repeated. The timed
+runs must have the machine to themselves: on 2 cores a second busy process slows torch several
+times, and the settings would be compared at different speeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import compare_algorithms  # noqa: E402
+
+SETTINGS: dict[str, list[str]] = {
+    "ppo-4-epochs": ["--variants", "ppo"],
+    "ppo-2-epochs": ["--variants", "ppo", "--n-epochs", "2"],
+    "ppo-1-epoch": ["--variants", "ppo", "--n-epochs", "1"],
+    "ppo-minibatch-64": ["--variants", "ppo", "--batch-size", "64"],
+    "ppo-minibatch-256": ["--variants", "ppo", "--batch-size", "256"],
+    "ppo-bfloat16": ["--variants", "ppo", "--dtype", "bfloat16"],
+    "rloo-1-epoch": ["--variants", "rloo", "--n-epochs", "1"],
+    "grpo-1-epoch": ["--variants", "grpo", "--n-epochs", "1"],
+}
+"""Setting name -> its ``compare_algorithms.py`` arguments. ``ppo-4-epochs`` is today's default
+(:func:`agents.text_ppo_kwargs`: 4 epochs, minibatches of at least 128 transitions, float32);
+a minibatch of 256 is the whole rollout, one optimizer step per epoch."""
+
+
+def table(runs: list[dict]) -> str:
+    """Markdown table, one row per setting: ``compare_algorithms.summary_rows``' gain at the budget,
+    plus the timesteps each setting fits in it and its gain at half the budget (the curve point's
+    held-out reward less the same episodes' reference at second 0, mean over seeds, ± s.e.)."""
+    import numpy as np
+
+    lines = ["| setting | seeds | timesteps in the budget | gain at half the budget (± s.e.) "
+             "| gain at the budget (± s.e.) | KL to reference (nats/episode) | train s: rollout / update | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in compare_algorithms.summary_rows(runs):
+        group = [r for r in runs if r["variant"] == row["variant"]]
+        half = np.array([r["curve"][1]["mean"] - r["curve"][0]["mean"] for r in group])
+        half_sem = np.sqrt(sum(r["curve"][i]["sem"] ** 2 for r in group for i in (0, 1))) / len(group)
+        lines.append(f"| {row['variant']} | {row['seeds']} | {np.mean([r['timesteps'] for r in group]):,.0f} "
+                     f"| {half.mean():+.3f} ± {half_sem:.3f} | {row['gain']:+.3f} ± {row['gain_sem']:.3f} "
+                     f"| {row['kl']:.2f} | {row['train']:.0f}: {row['rollout']:.0f} / {row['update']:.0f} "
+                     f"| {row['rss']:,.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--train-seconds", type=float, default=350.0, help="training wall time per run")
+    parser.add_argument("--eval-episodes", type=int, default=256, help="held-out episodes per policy at the end")
+    parser.add_argument("--curve-episodes", type=int, default=128, help="held-out episodes at half the budget")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/update_settings")
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for seed in args.seeds:
+        for name in args.settings:
+            run_args = compare_algorithms.parse_args(compare_algorithms.build_parser(), [
+                *SETTINGS[name], "--label", name, "--train-seconds", str(args.train_seconds),
+                "--eval-episodes", str(args.eval_episodes), "--curve-episodes", str(args.curve_episodes),
+                "--threads", str(args.threads)])
+            runs.append(compare_algorithms.run_one(run_args, run_args.variants[0], seed, out / f"{name}_seed{seed}.json"))
+    print(table(runs))
+
+
+if __name__ == "__main__":
+    main()
