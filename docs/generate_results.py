@@ -1,7 +1,7 @@
 """Write the results tables of the docs from the JSON results the benchmarks wrote.
 
-The tables in ``docs/_generated/*.md`` are included by ``docs/results.md`` and ``docs/testing.md``
-(MyST ``{include}``); they are committed, and never edited by hand. Each table is made by the
+The tables in ``docs/_generated/*.md`` are included by ``docs/results.md``, ``docs/performance.md``,
+``docs/testing.md`` and ``docs/guide/distributed.md`` (MyST ``{include}``); they are committed, and never edited by hand. Each table is made by the
 benchmark's own table function from the JSON files under ``benchmarks/results/``, so a table shows
 what the benchmark printed when it wrote them::
 
@@ -21,6 +21,8 @@ generated file                  from                                       made 
 ``demos.md``                    ``benchmarks/results/demos/``              ``benchmarks/demo_seeds.py``'s ``table``
 ``textarena_kl.md``             the textarena runs of ``demos/`` and       ``benchmarks/demo_seeds.py``'s
                                 ``demos_textarena_horizon*/``              ``variants_table``
+``update_settings.md``          ``benchmarks/results/update_settings/``    ``benchmarks/update_settings.py``'s
+                                                                           ``table``
 =============================== ========================================== =====================================
 
 The plots (``--figures``) are ``benchmarks/compare_algorithms.py``'s ``plot`` of the same JSON
@@ -139,9 +141,17 @@ def textarena_kl() -> str:
     return header(sources) + demo_seeds.variants_table("textarena", variants, components=("win", "invalid_move"))
 
 
+def update_settings() -> str:
+    """The main job's update settings at equal training wall time, in the benchmark's setting order, then by seed."""
+    module = benchmark("update_settings")
+    found = [json.loads(path.read_text()) for path in (RESULTS / "update_settings").glob("*_seed*.json")]
+    found.sort(key=lambda r: (list(module.SETTINGS).index(r["variant"]), r["seed"]))
+    return header("benchmarks/results/update_settings/*_seed*.json") + module.table(found) + "\n"
+
+
 GENERATED = {"seed_sweep.md": seed_sweep, "compare_algorithms.md": compare_algorithms, "critic.md": critic_table,
              "distributed.md": distributed, "demos.md": demos,
-             "textarena_kl.md": textarena_kl}
+             "textarena_kl.md": textarena_kl, "update_settings.md": update_settings}
 """File name under ``docs/_generated/`` -> the function that writes its text."""
 
 
