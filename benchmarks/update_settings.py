@@ -1,6 +1,6 @@
 """The main job's update settings at equal training wall time: held-out gain per setting. Prints a markdown table.
 
-    python benchmarks/update_settings.py                       # every setting, seeds 0 1 2, 350 s each (~6 h on 2 cores)
+    python benchmarks/update_settings.py                       # every setting, seeds 0 1 2, 350 s each (~4 h on 2 cores)
     python benchmarks/update_settings.py --settings ppo-4-epochs ppo-1-epoch --seeds 0 --train-seconds 120
 
 Issue 24 asks which of PPO's update settings reaches the best held-out reward for the time it
