@@ -1,9 +1,9 @@
 """Write the results tables of the docs from the JSON results the benchmarks wrote.
 
 The tables in ``docs/_generated/*.md`` are included by ``docs/results.md``, ``docs/performance.md``,
-``docs/testing.md`` and ``docs/guide/distributed.md`` (MyST ``{include}``); they are committed, and never edited by hand. Each table is made by the
-benchmark's own table function from the JSON files under ``benchmarks/results/``, so a table shows
-what the benchmark printed when it wrote them::
+``docs/testing.md`` and ``docs/guide/distributed.md`` (MyST ``{include}``); they are committed, and
+never edited by hand. Each table is made by the benchmark's own table function from the JSON files
+under ``benchmarks/results/``, so a table shows what the benchmark printed when it wrote them::
 
     python docs/generate_results.py            # rewrite docs/_generated/*.md
     python docs/generate_results.py --check    # exit 1 and name the stale files (tests/test_docs_results.py)
