@@ -42,25 +42,56 @@ SETTINGS: dict[str, list[str]] = {
 (:func:`agents.text_ppo_kwargs`: 4 epochs, minibatches of at least 128 transitions, float32);
 a minibatch of 256 is the whole rollout, one optimizer step per epoch."""
 
+DEFAULT_SETTING = "ppo-4-epochs"
+"""The setting the others are paired with: today's :func:`agents.text_ppo_kwargs`."""
+
 
 def table(runs: list[dict]) -> str:
     """Markdown table, one row per setting: ``compare_algorithms.summary_rows``' gain at the budget,
-    plus the timesteps each setting fits in it and its gain at half the budget (the curve point's
-    held-out reward less the same episodes' reference at second 0, mean over seeds, ± s.e.)."""
+    plus the timesteps each setting fits in it, its gain at half the budget (the curve point's
+    held-out reward less the same episodes' reference at second 0, mean over seeds, ± s.e.) and
+    :func:`paired_difference` against :data:`DEFAULT_SETTING`."""
     import numpy as np
 
     lines = ["| setting | seeds | timesteps in the budget | gain at half the budget (± s.e.) "
-             "| gain at the budget (± s.e.) | KL to reference (nats/episode) | train s: rollout / update | peak RSS (MiB) |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| gain at the budget (± s.e.) | trained reward vs {DEFAULT_SETTING}, same seeds (± s.e.) "
+             "| KL to reference (nats/episode) | train s: rollout / update | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in compare_algorithms.summary_rows(runs):
         group = [r for r in runs if r["variant"] == row["variant"]]
         half = np.array([r["curve"][1]["mean"] - r["curve"][0]["mean"] for r in group])
         half_sem = np.sqrt(sum(r["curve"][i]["sem"] ** 2 for r in group for i in (0, 1))) / len(group)
+        paired = paired_difference(runs, row["variant"])
+        paired_cell = "-" if paired is None else f"{paired[0]:+.3f} ± {paired[1]:.3f} ({paired[2]} seeds)"
         lines.append(f"| {row['variant']} | {row['seeds']} | {np.mean([r['timesteps'] for r in group]):,.0f} "
                      f"| {half.mean():+.3f} ± {half_sem:.3f} | {row['gain']:+.3f} ± {row['gain_sem']:.3f} "
-                     f"| {row['kl']:.2f} | {row['train']:.0f}: {row['rollout']:.0f} / {row['update']:.0f} "
+                     f"| {paired_cell} | {row['kl']:.2f} | {row['train']:.0f}: {row['rollout']:.0f} / {row['update']:.0f} "
                      f"| {row['rss']:,.0f} |")
     return "\n".join(lines)
+
+
+def paired_difference(runs: list[dict], setting: str) -> tuple[float, float, int] | None:
+    """``setting``'s held-out trained reward less :data:`DEFAULT_SETTING`'s, over the seeds both ran.
+
+    Settings that ran different seeds are not comparable through their pooled gains alone (one weak
+    seed moves a 2-seed mean by half its shortfall), so this pairs them by seed. The ± is the
+    evaluation's standard error of the mean difference (each run's 256-episode s.e., combined);
+    it leaves out how much training itself varies between seeds, which 2-3 seeds cannot estimate.
+
+    :return: ``(mean difference, its s.e., seeds)``, or ``None`` for the default itself or when
+        no seed is shared.
+    """
+    import numpy as np
+
+    if setting == DEFAULT_SETTING:
+        return None
+    default = {r["seed"]: r for r in runs if r["variant"] == DEFAULT_SETTING}
+    pairs = [(r, default[r["seed"]]) for r in runs if r["variant"] == setting and r["seed"] in default]
+    if not pairs:
+        return None
+    diff = np.mean([a["trained_reward"] - b["trained_reward"] for a, b in pairs])
+    sem = np.sqrt(sum(a["trained_sem"] ** 2 + b["trained_sem"] ** 2 for a, b in pairs)) / len(pairs)
+    return float(diff), float(sem), len(pairs)
 
 
 def main() -> None:
