@@ -37,6 +37,11 @@ Every case runs in a fresh subprocess, so its peak RSS is its own. Tables:
    uniformly random token ids (16-token episodes, all ending together, as in the main job where
    the mean length is 16.0); the reward model's cost does not depend on the policy. Mean of 3
    iterations after one warm-up.
+7. **Compute** (``--tables compute``): one PPO epoch of the main job's update (SmolLM2-135M,
+   8 envs x 32 steps, 16 new tokens, minibatches of 128) per ``--dtypes``: its floating-point
+   operations counted by ``torch.utils.flop_counter.FlopCounterMode``, their rate, the seconds of
+   the optimizer steps after the minibatches, and the rate of a dense matmul on the same threads,
+   so the table says how close the update runs to what the CPU can do.
 
 Models: ``tiny`` (2-layer GPT-2), ``smollm2`` (SmolLM2-135M-Instruct continuing 6-word movie-review
 openings) and ``smollm2-chat`` (the same LM in chat mode on the reasoning demo's questions: the
@@ -239,6 +244,61 @@ def case_update(model: str, n_envs: int, max_new_tokens: int, batch_size: int = 
                 speedup=grouped / per_transition)
 
 
+def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 10) -> float:
+    """GFLOP/s of a dense ``(m, k) @ (k, n)`` matmul in ``dtype`` on this process's torch threads."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    a @ b  # warm-up: oneDNN picks its kernel on the first call
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * m * k * n * repeats / (time.perf_counter() - start) / 1e9
+
+
+def case_compute(model: str, n_envs: int, max_new_tokens: int, dtype: str, batch_size: int = 128) -> dict:
+    """Table 7: what one PPO epoch of the main job computes, how fast, and the optimizer's share.
+
+    Floating-point operations of ``evaluate_actions`` + backward are counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention; elementwise work is not
+    counted) on one epoch of minibatches, then the same epoch is timed without the counter, and
+    separately the optimizer steps that ``PPO.train`` takes after each minibatch (gradient clipping
+    + Adam, with the bfloat16 policy's float32 master weights). The dense-matmul rates are the
+    practical ceiling on these threads: a square 2048 matmul and one of the trunk's MLP shape.
+    """
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_vec_env
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import textgym  # noqa: F401
+    from agents import TransformerPolicy, text_ppo_kwargs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        env = make_vec_env("TextGen-v0", n_envs=n_envs, seed=0, env_kwargs=rollout_env_kwargs(model, tmp, max_new_tokens))
+        n_steps = 2 * max_new_tokens
+        ppo = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=n_steps, batch_size=batch_size,
+                                                                   policy_kwargs=dict(dtype=dtype)))
+        ppo.learn(n_steps * n_envs)
+        np.random.seed(0)
+        batches = list(ppo.rollout_buffer.get(batch_size))
+        policy = ppo.policy
+        policy.set_training_mode(True)
+        time_epoch(policy, batches[:1], grouped=True)  # warm-up
+        counter = FlopCounterMode(display=False)
+        with counter:
+            time_epoch(policy, batches, grouped=True)
+        compute = min(time_epoch(policy, batches, grouped=True) for _ in range(2))
+        start = time.perf_counter()
+        for _ in batches:
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), ppo.max_grad_norm)
+            policy.optimizer.step()
+        optimizer = time.perf_counter() - start
+        config = policy.lm.config.get_text_config()
+        torch_dtype = getattr(torch, dtype)
+    return dict(minibatches=len(batches), transitions=sum(len(b.actions) for b in batches),
+                gflop=counter.get_total_flops() / 1e9, compute_seconds=compute, optimizer_seconds=optimizer,
+                dense_square=matmul_rate(2048, 2048, 2048, torch_dtype),
+                dense_mlp=matmul_rate(512, config.hidden_size, config.intermediate_size, torch_dtype))
+
+
 def timed(clock: dict, name: str, fn, calls: dict | None = None):
     """``fn`` wrapped so that each call adds its seconds to ``clock[name]`` (and 1 to ``calls[name]``)."""
     def wrapper(*args, **kwargs):
@@ -388,7 +448,7 @@ def case_rewards(n_envs: int, batched: bool, iterations: int = 3, n_steps: int =
             "episodes": n_envs * n_steps / SENTIMENT_JOB["max_new_tokens"]}
 
 
-TABLES = ["rollout", "update", "iteration", "threads", "dialogue", "rewards"]
+TABLES = ["rollout", "update", "iteration", "threads", "dialogue", "rewards", "compute"]
 MODELS = ["tiny", "smollm2", "smollm2-chat"]
 
 
@@ -403,7 +463,7 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     kind, *params = json.loads(args.case)
     cases = {"rollout": case_rollout, "update": case_update, "iteration": case_iteration, "dialogue": case_dialogue,
-             "rewards": case_rewards}
+             "rewards": case_rewards, "compute": case_compute}
     result = cases[kind](*params)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
@@ -504,6 +564,22 @@ def rewards_table(args: argparse.Namespace) -> None:
               flush=True)
 
 
+def compute_table(args: argparse.Namespace) -> None:
+    model, t = "smollm2", 16
+    print(f"\nCompute: one PPO epoch of the main job ({model}, {args.n_envs} envs x {2 * t} steps, T = {t}, "
+          "minibatches of 128), counted FLOPs against dense matmul on the same threads\n")
+    print("| dtype | minibatches | GFLOP (forward + backward) | forward + backward (s) | GFLOP/s "
+          "| optimizer steps (s) | dense matmul GFLOP/s: 2048³ / MLP shape (512×576×1536) | update / dense 2048³ "
+          "| peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for dtype in args.dtypes:
+        r = run_case(args, ["compute", model, args.n_envs, t, dtype])
+        rate = r["gflop"] / r["compute_seconds"]
+        print(f"| {dtype} | {r['minibatches']} | {r['gflop']:.0f} | {r['compute_seconds']:.2f} | {rate:.0f} "
+              f"| {r['optimizer_seconds']:.2f} | {r['dense_square']:.0f} / {r['dense_mlp']:.0f} "
+              f"| {rate / r['dense_square']:.2f} | {r['peak_rss_mib']:,.0f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
@@ -517,6 +593,7 @@ def main() -> None:
     parser.add_argument("--reward-envs", type=int, nargs="+", default=[8, 32], help="env counts of the rewards table")
     parser.add_argument("--jobs", nargs="+", help="iteration table: only the jobs whose name contains one of these "
                         "(sentiment, reasoning, TextArena)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="policy dtypes of the compute table")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -539,6 +616,8 @@ def main() -> None:
         dialogue_table(args)
     if "rewards" in args.tables:
         rewards_table(args)
+    if "compute" in args.tables:
+        compute_table(args)
 
 
 if __name__ == "__main__":
