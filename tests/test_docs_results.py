@@ -42,3 +42,26 @@ def test_the_pages_include_every_generated_table():
     pages = "".join(page.read_text() for page in (ROOT / "docs").rglob("*.md") if "_generated" not in page.parts)
     for path in (ROOT / "docs" / "_generated").glob("*.md"):
         assert f"_generated/{path.name}" in pages, path.name
+
+
+def test_the_update_settings_table_pairs_each_setting_with_the_default_on_shared_seeds():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import update_settings
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def run_(variant, seed, trained, sem):
+        return dict(variant=variant, seed=seed, trained_reward=trained, trained_sem=sem)
+
+    default = update_settings.DEFAULT_SETTING
+    runs = [run_(default, 0, 1.0, 0.1), run_(default, 1, 0.5, 0.2), run_(default, 2, 0.0, 0.3),
+            # seed 3 has no default run to pair with, so it must not count
+            run_("other", 1, 1.0, 0.2), run_("other", 2, 0.5, 0.1), run_("other", 3, 9.0, 0.1),
+            run_("unpaired", 5, 1.0, 0.1)]
+    diff, sem, seeds = update_settings.paired_difference(runs, "other")
+    assert seeds == 2
+    assert diff == ((1.0 - 0.5) + (0.5 - 0.0)) / 2
+    assert abs(sem - (0.2**2 + 0.2**2 + 0.1**2 + 0.3**2) ** 0.5 / 2) < 1e-12
+    assert update_settings.paired_difference(runs, default) is None
+    assert update_settings.paired_difference(runs, "unpaired") is None
