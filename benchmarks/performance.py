@@ -212,6 +212,25 @@ def time_epoch(policy, batches: list, grouped: bool) -> float:
     return time.perf_counter() - start
 
 
+def rollout_minibatches(model: str, n_envs: int, max_new_tokens: int, batch_size: int, tmp: str,
+                        **ppo_overrides) -> tuple:
+    """``(ppo, minibatches)``: SB3's PPO with ``text_ppo_kwargs`` on the ``model`` case's env after one
+    rollout of ``2 * max_new_tokens`` steps per env, and that rollout's minibatches of ``batch_size``
+    in the order numpy seed 0 shuffles them (what the update and compute tables time)."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_vec_env
+
+    import textgym  # noqa: F401
+    from agents import TransformerPolicy, text_ppo_kwargs
+
+    env = make_vec_env("TextGen-v0", n_envs=n_envs, seed=0, env_kwargs=rollout_env_kwargs(model, tmp, max_new_tokens))
+    n_steps = 2 * max_new_tokens
+    ppo = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=n_steps, batch_size=batch_size, **ppo_overrides))
+    ppo.learn(n_steps * n_envs)
+    np.random.seed(0)
+    return ppo, list(ppo.rollout_buffer.get(batch_size))
+
+
 def case_update(model: str, n_envs: int, max_new_tokens: int, batch_size: int = 128,
                 per_transition_rows: int = 64) -> dict:
     """Table 2: transitions/s with one forward per episode vs one per transition, same minibatches.
@@ -220,19 +239,8 @@ def case_update(model: str, n_envs: int, max_new_tokens: int, batch_size: int = 
     minibatch only: an epoch of it costs minutes on SmolLM2, and a whole minibatch of 128 windows
     with grad held 21 GB of activations at T = 64. Both rates are transitions per second.
     """
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.env_util import make_vec_env
-
-    import textgym  # noqa: F401
-    from agents import TransformerPolicy, text_ppo_kwargs
-
     with tempfile.TemporaryDirectory() as tmp:
-        env = make_vec_env("TextGen-v0", n_envs=n_envs, seed=0, env_kwargs=rollout_env_kwargs(model, tmp, max_new_tokens))
-        n_steps = 2 * max_new_tokens
-        ppo = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=n_steps, batch_size=batch_size))
-        ppo.learn(n_steps * n_envs)
-        np.random.seed(0)
-        batches = list(ppo.rollout_buffer.get(batch_size))
+        ppo, batches = rollout_minibatches(model, n_envs, max_new_tokens, batch_size, tmp)
         count = lambda bs: sum(len(b.actions) for b in bs)  # noqa: E731
         time_epoch(ppo.policy, batches[:1], grouped=True)  # warm-up
         grouped = count(batches) / time_epoch(ppo.policy, batches, grouped=True)
@@ -264,21 +272,11 @@ def case_compute(model: str, n_envs: int, max_new_tokens: int, dtype: str, batch
     + Adam, with the bfloat16 policy's float32 master weights). The dense-matmul rates are the
     practical ceiling on these threads: a square 2048 matmul and one of the trunk's MLP shape.
     """
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.env_util import make_vec_env
     from torch.utils.flop_counter import FlopCounterMode
 
-    import textgym  # noqa: F401
-    from agents import TransformerPolicy, text_ppo_kwargs
-
     with tempfile.TemporaryDirectory() as tmp:
-        env = make_vec_env("TextGen-v0", n_envs=n_envs, seed=0, env_kwargs=rollout_env_kwargs(model, tmp, max_new_tokens))
-        n_steps = 2 * max_new_tokens
-        ppo = PPO(TransformerPolicy, env, seed=0, **text_ppo_kwargs(n_steps=n_steps, batch_size=batch_size,
-                                                                   policy_kwargs=dict(dtype=dtype)))
-        ppo.learn(n_steps * n_envs)
-        np.random.seed(0)
-        batches = list(ppo.rollout_buffer.get(batch_size))
+        ppo, batches = rollout_minibatches(model, n_envs, max_new_tokens, batch_size, tmp,
+                                           policy_kwargs=dict(dtype=dtype))
         policy = ppo.policy
         policy.set_training_mode(True)
         time_epoch(policy, batches[:1], grouped=True)  # warm-up
